@@ -1,0 +1,123 @@
+"""Building blocks shared by the extractors and the sync transformer.
+
+Numerics follow the official PyTorch model: exact (erf) GELU, LayerNorm statistics in
+float32 with the caller's epsilon, attention softmax in float32. Matmuls run in the
+module's compute `dtype`; parameters are always float32. The residual stream keeps the
+dtype of its input (float32 in the model), which is what CUDA autocast does in the
+official code: fp16 branch outputs are added to an fp32 residual.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+# torch.nn.Linear / Conv weights in the official code are mostly trunc-normal(0.02).
+DEFAULT_KERNEL_INIT = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU: torch `nn.GELU()` and HF `"gelu"` use erf, not the tanh approximation."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def layer_norm(eps: float, name: Optional[str] = None) -> nn.LayerNorm:
+    """LayerNorm computed and returned in float32 (statistics and affine in float32)."""
+    return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
+
+
+def dense(features: int, dtype: Dtype, name: Optional[str] = None, use_bias: bool = True,
+          kernel_init: Initializer = DEFAULT_KERNEL_INIT) -> nn.Dense:
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                    kernel_init=kernel_init, bias_init=nn.initializers.zeros, name=name)
+
+
+def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
+    """`[..., L, H*d] -> [..., L, H, d]`; heads are contiguous feature chunks (h outer)."""
+    return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+    return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
+              dropout_rate: float = 0.0, deterministic: bool = True,
+              dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+    """Softmax attention over `[B, L, H, d]` tensors, no mask.
+
+    Goes through `jax.nn.dot_product_attention` (so GPUs get the fused cuDNN kernel)
+    unless attention-probability dropout is active, which the fused path cannot do.
+    Softmax runs in float32 on both paths.
+    """
+    if dropout_rate > 0.0 and not deterministic:
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+        probs = jax.nn.softmax(logits, axis=-1)
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(v.dtype)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch per example (timm semantics)."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        if self.rate == 0.0 or deterministic:
+            return x
+        keep_prob = 1.0 - self.rate
+        rng = self.make_rng("dropout")
+        mask = jax.random.bernoulli(rng, keep_prob, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, x / keep_prob, jnp.zeros_like(x))
+
+
+class TorchMultiheadAttention(nn.Module):
+    """`torch.nn.MultiheadAttention` (batch-first, no mask): fused `in_proj` rows [q; k; v]."""
+
+    dim: int
+    num_heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        qkv = dense(3 * self.dim, self.dtype, name="in_proj",
+                    kernel_init=nn.initializers.xavier_uniform())(x)
+        q, k, v = (split_heads(t, self.num_heads) for t in jnp.split(qkv, 3, axis=-1))
+        head_dim = self.dim // self.num_heads
+        out = attention(q, k, v, scale=head_dim ** -0.5)
+        return dense(self.dim, self.dtype, name="out_proj")(merge_heads(out))
+
+
+class AggregationLayer(nn.Module):
+    """Learned-token pooling: pre-LN `torch.nn.TransformerEncoderLayer` over `[tok, x]`.
+
+    Used by both extractors (spatial aggregation for video, frequency aggregation for
+    audio). Returns the token's output with no final LayerNorm, as the official layer.
+
+    Input `[N, L, D]`, output `[N, D]`.
+    """
+
+    dim: int
+    num_heads: int
+    mlp_dim: int
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        token = self.param("cls_token", DEFAULT_KERNEL_INIT, (1, 1, self.dim))
+        x = jnp.concatenate([jnp.broadcast_to(token, (x.shape[0], 1, self.dim)).astype(x.dtype), x], axis=1)
+        h = layer_norm(self.eps, name="norm1")(x)
+        x = x + TorchMultiheadAttention(self.dim, self.num_heads, self.dtype, name="self_attn")(h)
+        h = layer_norm(self.eps, name="norm2")(x)
+        h = gelu(dense(self.mlp_dim, self.dtype, name="linear1")(h))
+        x = x + dense(self.dim, self.dtype, name="linear2")(h)
+        return x[:, 0]

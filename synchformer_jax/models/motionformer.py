@@ -1,0 +1,159 @@
+"""Motionformer video extractor (divided space-time ViT) and its spatial aggregation.
+
+Scope names mirror the official `vfeat_extractor.*` state-dict keys; the unused 2-D
+`patch_embed` of the official model is not built (the converter drops and restores it).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from synchformer_jax.models import layers
+from synchformer_jax.models.config import MotionformerConfig
+
+Dtype = Any
+
+
+class DividedAttention(nn.Module):
+    """One attention step of a divided block, over time or over space.
+
+    The CLS query attends to every token; each patch query attends to its group (the 8
+    tokens at its spatial location for time, the 196 tokens of its frame for space) plus
+    the CLS key/value. q is scaled before anything else, as in the official code.
+    """
+
+    dim: int
+    num_heads: int
+    over: str  # "time" or "space"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, num_frames: int, num_patches: int) -> jax.Array:
+        """`x`: `[N, 1 + F*P, D]` (CLS then frame-major patches) -> same shape."""
+        n = x.shape[0]
+        qkv = layers.dense(3 * self.dim, self.dtype, name="qkv")(x)
+        q, k, v = (layers.split_heads(t, self.num_heads) for t in jnp.split(qkv, 3, axis=-1))
+        head_dim = self.dim // self.num_heads
+        q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
+
+        cls_out = layers.attention(q[:, :1], k, v, scale=1.0)  # [N, 1, H, d]
+
+        def group(t: jax.Array) -> jax.Array:
+            t = t[:, 1:].reshape(n, num_frames, num_patches, self.num_heads, head_dim)
+            if self.over == "time":  # sequences over frames at one spatial location
+                t = t.transpose(0, 2, 1, 3, 4).reshape(n * num_patches, num_frames, self.num_heads, head_dim)
+            else:  # sequences over the patches of one frame
+                t = t.reshape(n * num_frames, num_patches, self.num_heads, head_dim)
+            return t
+
+        groups = num_patches if self.over == "time" else num_frames
+        cls_k = jnp.repeat(k[:, :1], groups, axis=0)
+        cls_v = jnp.repeat(v[:, :1], groups, axis=0)
+        out = layers.attention(group(q), jnp.concatenate([cls_k, group(k)], axis=1),
+                               jnp.concatenate([cls_v, group(v)], axis=1), scale=1.0)
+        if self.over == "time":
+            out = out.reshape(n, num_patches, num_frames, self.num_heads, head_dim).transpose(0, 2, 1, 3, 4)
+        out = out.reshape(n, num_frames * num_patches, self.num_heads, head_dim)
+        out = jnp.concatenate([cls_out, out], axis=1)
+        return layers.dense(self.dim, self.dtype, name="proj")(layers.merge_heads(out))
+
+
+class Mlp(nn.Module):
+    dim: int
+    hidden: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = layers.gelu(layers.dense(self.hidden, self.dtype, name="fc1")(x))
+        return layers.dense(self.dim, self.dtype, name="fc2")(x)
+
+
+class DividedSpaceTimeBlock(nn.Module):
+    """time attention (norm3) -> space attention (norm1) -> MLP (norm2).
+
+    The time branch has no drop path in the official code; the other two do.
+    """
+
+    dim: int
+    num_heads: int
+    mlp_dim: int
+    eps: float
+    drop_path: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, num_frames: int, num_patches: int, train: bool) -> jax.Array:
+        drop = layers.DropPath(self.drop_path)
+        norm = lambda name: layers.layer_norm(self.eps, name=name)  # noqa: E731
+        x = x + DividedAttention(self.dim, self.num_heads, "time", self.dtype, name="timeattn")(
+            norm("norm3")(x), num_frames, num_patches)
+        x = x + drop(DividedAttention(self.dim, self.num_heads, "space", self.dtype, name="attn")(
+            norm("norm1")(x), num_frames, num_patches), deterministic=not train)
+        x = x + drop(Mlp(self.dim, self.mlp_dim, self.dtype, name="mlp")(norm("norm2")(x)),
+                     deterministic=not train)
+        return x
+
+
+class PatchEmbed3D(nn.Module):
+    """Conv3d tubelets `(2, 16, 16)`, stride = kernel; scope `patch_embed_3d.proj`."""
+
+    dim: int
+    kernel: tuple[int, int, int]
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nn.Conv(self.dim, self.kernel, strides=self.kernel, padding="VALID", dtype=self.dtype,
+                       param_dtype=jnp.float32, kernel_init=nn.initializers.zeros, name="proj")(x)
+
+
+class MotionFormer(nn.Module):
+    """Video extractor: `[N, T, C, H, W]` segments -> `[N, T/2, D]` per-segment tokens.
+
+    `temporal_pool=True` (stage I) averages the 8 temporal tokens into one `[N, D]`.
+    """
+
+    cfg: MotionformerConfig
+    dtype: Dtype = jnp.float32
+    remat: bool = False
+    temporal_pool: bool = False
+
+    @nn.compact
+    def __call__(self, video: jax.Array, train: bool = False) -> jax.Array:
+        c = self.cfg
+        d = c.embed_dim
+        f, p = c.temporal_patches, c.spatial_patches
+        # [N, T, C, H, W] -> [N, T, H, W, C] for a channels-last conv.
+        x = jnp.transpose(video, (0, 1, 3, 4, 2)).astype(self.dtype)
+        x = PatchEmbed3D(d, (c.patch_size_temp, c.patch_size, c.patch_size), self.dtype, name="patch_embed_3d")(x)
+        n = x.shape[0]
+        x = x.reshape(n, f * p, d)  # token t*196 + h*14 + w
+
+        cls_token = self.param("cls_token", layers.DEFAULT_KERNEL_INIT, (1, 1, d))
+        pos_embed = self.param("pos_embed", layers.DEFAULT_KERNEL_INIT, (1, p + 1, d))
+        temp_embed = self.param("temp_embed", nn.initializers.zeros, (1, f, d))
+        # "separate" positions: spatial table for every frame plus a temporal table.
+        patch_pos = (pos_embed[:, 1:][:, None] + temp_embed[:, :, None]).reshape(1, f * p, d)
+        x = jnp.concatenate([jnp.broadcast_to(cls_token + pos_embed[:, :1], (n, 1, d)),
+                             x.astype(jnp.float32) + patch_pos], axis=1)
+
+        block_cls = nn.remat(DividedSpaceTimeBlock, static_argnums=(2, 3, 4)) if self.remat else DividedSpaceTimeBlock
+        rates = np.linspace(0.0, c.drop_path_rate, c.depth) if c.depth > 1 else [0.0]
+        for i in range(c.depth):
+            x = block_cls(d, c.num_heads, c.mlp_dim, c.layer_norm_eps, float(rates[i]), self.dtype,
+                          name=f"blocks_{i}")(x, f, p, train)
+        self.sow("intermediates", "tokens_last_block", x)
+
+        x = layers.layer_norm(c.layer_norm_eps, name="norm")(x[:, 1:])  # CLS dropped first
+        # Spatial aggregation per temporal slot: [N*F, P, D] -> [N, F, D].
+        x = layers.AggregationLayer(d, c.num_heads, c.mlp_dim, c.layer_norm_eps, self.dtype,
+                                    name="spatial_attn_agg")(x.reshape(n * f, p, d))
+        x = x.reshape(n, f, d)
+        if self.temporal_pool:
+            x = jnp.mean(x, axis=1)
+        return x
