@@ -161,15 +161,24 @@ def _heads(dim: int, official_dim: int, official_heads: int, head_dim: int, what
         f"state dicts); give it as an override: {what}.{'n_head' if what == 'sync' else 'num_heads'}=N")
 
 
-def infer_config(state_dict: Mapping[str, np.ndarray], embedded: Optional[Mapping[str, Any]] = None,
+class _Shape:
+    """Lets inference read `.shape` from arrays and from plain shape tuples alike."""
+
+    def __init__(self, value: Any) -> None:
+        self.shape = tuple(value) if isinstance(value, (tuple, list)) else tuple(np.shape(value))
+
+
+def infer_config(state_dict: Mapping[str, Any], embedded: Optional[Mapping[str, Any]] = None,
                  overrides: Optional[Mapping[str, Any]] = None) -> ModelConfig:
     """Model sizes from the embedded official config where present, else tensor shapes.
+
+    `state_dict` maps keys to arrays or to shape tuples.
 
     `overrides` uses dotted `ModelConfig` names (`"video.num_heads"`, `"sync.n_head"`,
     `"n_segments"`, ...) and wins over both.
     """
     overrides = dict(overrides or {})
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    sd = {k[len("module."):] if k.startswith("module.") else k: _Shape(v) for k, v in state_dict.items()}
     kind = overrides.pop("kind", None) or (KIND_AVCLIP if ("logit_scale" in sd or any(
         k.startswith(("v_encoder.", "a_encoder.")) for k in sd)) else KIND_SYNC)
     v_prefix = "v_encoder." if any(k.startswith("v_encoder.") for k in sd) else "vfeat_extractor."
@@ -241,20 +250,44 @@ def _embedded_transformer_params(embedded: Optional[Mapping[str, Any]]) -> dict[
 
 
 # ---- conversion ----------------------------------------------------------------------------
-def torch_to_flax(state_dict: Mapping[str, np.ndarray], config: ModelConfig, *,
-                  modules: Optional[Iterable[str]] = None) -> Converted:
-    """Official state dict -> Flax params for `config` (shapes checked against the model).
+def flax_shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The Flax shape a torch tensor of `shape` under `key` takes."""
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf in ("weight", "in_proj_weight") and len(shape) >= 2:
+        return tuple(shape[2:]) + (shape[1], shape[0])
+    return tuple(shape)
 
-    `modules` limits the conversion to some top-level modules (e.g. `["vfeat_extractor"]`
-    for MMAudio's visual-only file); otherwise every module of the model must be present.
+
+@dataclasses.dataclass
+class Plan:
+    """Where every tensor of a state dict goes, computed from shapes alone."""
+
+    paths: dict[str, tuple[str, ...]]  # canonical torch key -> Flax path
+    truncate: dict[str, int]  # key -> rows kept of a longer position table
+    passthrough: list[str]  # canonical keys with no Flax counterpart
+    renamed: dict[str, str]  # canonical key -> key in the given state dict
+    notes: list[str]
+
+
+def plan_conversion(shapes: Mapping[str, tuple[int, ...]], config: ModelConfig, *,
+                    modules: Optional[Iterable[str]] = None) -> Plan:
+    """Match official keys and shapes to the parameters `config` builds, or explain why not.
+
+    `modules` limits the match to some top-level modules (e.g. `["vfeat_extractor"]` for
+    MMAudio's visual-only file); otherwise every module of the model must be present.
     A longer position table is truncated to the model's length (stage II -> III
     initialisation, as the official `load_state_dict` does).
     """
     from synchformer_jax.models.synchformer import abstract_params  # avoid an import cycle
 
     notes: list[str] = []
-    sd = canonical_keys(state_dict, config.kind, notes)
-    expected = traverse_util.flatten_dict(jax.tree.map(lambda x: x, abstract_params(config)))
+    originals = {}
+    for key in shapes:
+        canon = next(iter(canonical_keys({key: None}, config.kind, [])), None)
+        if canon is not None:
+            originals[canon] = key
+    canonical = canonical_keys(dict(shapes), config.kind, notes)
+    expected = traverse_util.flatten_dict(abstract_params(config))
     wanted = set(modules) if modules is not None else None
     if wanted is not None:
         expected = {p: s for p, s in expected.items() if p[0] in wanted}
@@ -262,31 +295,34 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], config: ModelConfig, *,
         if unknown:
             raise ConversionError(f"the model has no top-level module(s) {sorted(unknown)}")
 
-    flat: dict[tuple[str, ...], np.ndarray] = {}
-    passthrough: dict[str, np.ndarray] = {}
+    paths: dict[str, tuple[str, ...]] = {}
+    truncate: dict[str, int] = {}
+    passthrough: list[str] = []
     unexpected: list[str] = []
     misshapen: list[str] = []
-    for key, value in sd.items():
-        value = np.asarray(value)
+    for key, shape in canonical.items():
+        shape = tuple(shape)
         if _is_unused(key):
-            passthrough[key] = value
+            passthrough.append(key)
             continue
         if wanted is not None and key.split(".", 1)[0] not in wanted:
             continue
-        path = torch_key_to_flax_path(key, value.ndim)
+        path = torch_key_to_flax_path(key, len(shape))
         if path not in expected:
             unexpected.append(key)
             continue
-        array = torch_to_flax_array(key, value)
-        want = tuple(expected[path].shape)
-        if key == "transformer.pos_emb_cfg.pos_emb" and array.shape[1] > want[1] and array.shape[2] == want[2]:
-            notes.append(f"truncated the position table from {array.shape[1]} to its first {want[1]} rows")
-            array = array[:, : want[1]]
-        if array.shape != want:
-            misshapen.append(f"{key}: file {tuple(value.shape)} -> {array.shape}, model wants {want}")
+        got, want = flax_shape(key, shape), tuple(expected[path].shape)
+        if key == "transformer.pos_emb_cfg.pos_emb" and len(got) == 3 and got[1] > want[1] \
+                and got[::2] == want[::2]:
+            notes.append(f"truncated the position table from {got[1]} to its first {want[1]} rows")
+            truncate[key] = want[1]
+            got = want
+        if got != want:
+            misshapen.append(f"{key}: file {shape} -> {got}, model wants {want}")
             continue
-        flat[path] = array.astype(np.float32) if array.dtype != np.float32 else array
-    missing = sorted(flax_path_to_torch_key(p) for p in expected if p not in flat)
+        paths[key] = path
+    found = set(paths.values())
+    missing = sorted(flax_path_to_torch_key(p) for p in expected if p not in found)
     if unexpected or missing or misshapen:
         lines = []
         if missing:
@@ -297,7 +333,21 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], config: ModelConfig, *,
         if misshapen:
             lines.append(f"wrong shape {len(misshapen)}: {'; '.join(misshapen[:6])}")
         raise ConversionError("state dict does not fit the model: " + " | ".join(lines))
-    return Converted(traverse_util.unflatten_dict(flat), config, passthrough, notes)
+    return Plan(paths, truncate, passthrough, originals, notes)
+
+
+def torch_to_flax(state_dict: Mapping[str, np.ndarray], config: ModelConfig, *,
+                  modules: Optional[Iterable[str]] = None) -> Converted:
+    """Official state dict -> float32 Flax params for `config`; see `plan_conversion`."""
+    plan = plan_conversion({k: np.shape(v) for k, v in state_dict.items()}, config, modules=modules)
+    flat: dict[tuple[str, ...], np.ndarray] = {}
+    for key, path in plan.paths.items():
+        array = torch_to_flax_array(key, np.asarray(state_dict[plan.renamed[key]]))
+        if key in plan.truncate:
+            array = array[:, : plan.truncate[key]]
+        flat[path] = np.ascontiguousarray(array, dtype=np.float32)
+    passthrough = {key: np.asarray(state_dict[plan.renamed[key]]) for key in plan.passthrough}
+    return Converted(traverse_util.unflatten_dict(flat), config, passthrough, plan.notes)
 
 
 def flax_to_torch(params: Mapping[str, Any], passthrough: Optional[Mapping[str, np.ndarray]] = None,

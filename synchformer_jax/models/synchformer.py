@@ -172,15 +172,25 @@ def dummy_inputs(config: ModelConfig, batch: int = 1, dtype: Any = jnp.float32) 
     return video, audio
 
 
-def init_params(config: ModelConfig, rng: jax.Array) -> Params:
-    """Randomly initialised float32 parameters (batch-1 trace)."""
+def _init(config: ModelConfig, rng: jax.Array) -> Params:
     video, audio = dummy_inputs(config)
     return build_model(config).init({"params": rng, "dropout": rng}, video, audio)["params"]
 
 
+@functools.lru_cache(maxsize=8)
+def _jitted_init(config: ModelConfig) -> Callable[[jax.Array], Params]:
+    return jax.jit(functools.partial(_init, config))
+
+
+def init_params(config: ModelConfig, rng: jax.Array) -> Params:
+    """Randomly initialised float32 parameters."""
+    return _jitted_init(config)(rng)
+
+
+@functools.lru_cache(maxsize=32)
 def abstract_params(config: ModelConfig) -> Params:
     """`ShapeDtypeStruct` tree of the parameters, without allocating them."""
-    return jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))
+    return jax.eval_shape(functools.partial(_init, config), jax.random.key(0))
 
 
 # --- functional entry points: jit-able, differentiable, chunked over segments ----------

@@ -1,0 +1,1 @@
+"""Input pipeline: transforms (crop, offset, segments), log-mel, normalisation."""
