@@ -237,7 +237,8 @@ class _StateHolder(metaclass=_Frozen):
 
 
 def _holder_class(qualname: str, kind: str) -> type:
-    return _Frozen(f"_{qualname.rsplit('.', 1)[-1]}", (_StateHolder,), {"__slots__": (), "qualname": qualname, "kind": kind})
+    ns = {"__slots__": (), "qualname": qualname, "kind": kind}
+    return _Frozen(f"_{qualname.rsplit('.', 1)[-1]}", (_StateHolder,), ns)
 
 
 class _OrderedDict(dict):
@@ -432,7 +433,8 @@ def _impl_seq(kind):
 
 def _impl_number(kind):
     def impl(*args):
-        _require(len(args) <= 2 and all(isinstance(a, (bool, int, float, str, bytes)) for a in args), f"builtins.{kind.__name__}")
+        ok = len(args) <= 2 and all(isinstance(a, (bool, int, float, str, bytes)) for a in args)
+        _require(ok, f"builtins.{kind.__name__}")
         if kind is int and len(args) == 2:
             _require(isinstance(args[0], (str, bytes)) and type(args[1]) is int, "builtins.int")
         return kind(*args)
@@ -455,7 +457,8 @@ def _impl_bytes(*args):
         return b""
     if len(args) == 1:
         a = args[0]
-        _require(isinstance(a, bytes) or (isinstance(a, (list, tuple)) and all(type(b) is int for b in a)), "builtins.bytes")
+        ints = isinstance(a, (list, tuple)) and all(type(b) is int for b in a)
+        _require(isinstance(a, bytes) or ints, "builtins.bytes")
         return bytes(a)
     _require(len(args) == 2 and isinstance(args[0], str) and _latin1(args[1]), "builtins.bytes")
     return args[0].encode("latin-1")
@@ -488,12 +491,14 @@ def _impl_np_scalar(dtype, data=None):
 
 
 def _impl_np_reconstruct(subtype, shape, dtype_char):
-    _require(isinstance(subtype, _Sentinel) and subtype.qualname == "numpy.ndarray", "numpy.core.multiarray._reconstruct")
+    ok = isinstance(subtype, _Sentinel) and subtype.qualname == "numpy.ndarray"
+    _require(ok, "numpy.core.multiarray._reconstruct")
     return _NumpyArray()
 
 
 def _impl_np_frombuffer(buf, dtype, shape, order):
-    _require(isinstance(buf, (bytes, bytearray)) and isinstance(dtype, _NumpyDType) and order in ("C", "F"), "numpy.core.numeric._frombuffer")
+    ok = isinstance(buf, (bytes, bytearray)) and isinstance(dtype, _NumpyDType) and order in ("C", "F")
+    _require(ok, "numpy.core.numeric._frombuffer")
     return _Value(_array_from_bytes(buf, dtype.to_numpy(), shape, order))
 
 
@@ -525,7 +530,8 @@ def _impl_rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, 
 
 
 def _impl_rebuild_tensor_v3(storage, offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None):
-    _require(isinstance(dtype, _StorageType) and dtype.qualname.startswith("torch."), "torch._utils._rebuild_tensor_v3")
+    ok = isinstance(dtype, _StorageType) and dtype.qualname.startswith("torch.")
+    _require(ok, "torch._utils._rebuild_tensor_v3")
     return _tensor(storage, offset, size, stride, dtype.dtype)
 
 
@@ -540,9 +546,11 @@ _TENSOR_REBUILDERS: set[str] = set()  # qualnames usable inside _rebuild_from_ty
 def _impl_rebuild_from_type_v2(func, new_type, args, state):
     # Tensors carrying Python attributes pickle as
     # ``_rebuild_from_type_v2(_rebuild_tensor_v2, torch.Tensor, args, state)``.
-    _require(isinstance(func, _SafeGlobal) and func.qualname in _TENSOR_REBUILDERS, "torch._tensor._rebuild_from_type_v2")
-    _require(isinstance(new_type, _Sentinel) and new_type.qualname in ("torch.Tensor", "torch.nn.parameter.Parameter"), "torch._tensor._rebuild_from_type_v2")
-    _require(isinstance(args, tuple), "torch._tensor._rebuild_from_type_v2")
+    what = "torch._tensor._rebuild_from_type_v2"
+    _require(isinstance(func, _SafeGlobal) and func.qualname in _TENSOR_REBUILDERS, what)
+    tensor_types = ("torch.Tensor", "torch.nn.parameter.Parameter")
+    _require(isinstance(new_type, _Sentinel) and new_type.qualname in tensor_types, what)
+    _require(isinstance(args, tuple), what)
     return func(*args)
 
 
@@ -601,18 +609,22 @@ def _build_allow_list() -> dict[tuple[str, str], Any]:
     np_mods = ("numpy.core.multiarray", "numpy._core.multiarray")
     add(np_mods, "scalar", g("numpy.core.multiarray.scalar", _impl_np_scalar))
     add(np_mods, "_reconstruct", g("numpy.core.multiarray._reconstruct", _impl_np_reconstruct))
-    add(("numpy.core.numeric", "numpy._core.numeric"), "_frombuffer", g("numpy.core.numeric._frombuffer", _impl_np_frombuffer))
+    np_numeric = ("numpy.core.numeric", "numpy._core.numeric")
+    add(np_numeric, "_frombuffer", g("numpy.core.numeric._frombuffer", _impl_np_frombuffer))
     add("numpy", "dtype", g("numpy.dtype", _impl_np_dtype))
     add("numpy", "ndarray", _Sentinel("numpy.ndarray"))
 
     for name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3"):
         _TENSOR_REBUILDERS.add(f"torch._utils.{name}")
-    add("torch._utils", "_rebuild_tensor", g("torch._utils._rebuild_tensor", _impl_rebuild_tensor))
-    add("torch._utils", "_rebuild_tensor_v2", g("torch._utils._rebuild_tensor_v2", _impl_rebuild_tensor_v2))
-    add("torch._utils", "_rebuild_tensor_v3", g("torch._utils._rebuild_tensor_v3", _impl_rebuild_tensor_v3))
-    add("torch._utils", "_rebuild_parameter", g("torch._utils._rebuild_parameter", _impl_rebuild_parameter))
-    add("torch._utils", "_rebuild_parameter_with_state", g("torch._utils._rebuild_parameter_with_state", _impl_rebuild_parameter))
-    add("torch._tensor", "_rebuild_from_type_v2", g("torch._tensor._rebuild_from_type_v2", _impl_rebuild_from_type_v2))
+    for module, name, impl in (
+        ("torch._utils", "_rebuild_tensor", _impl_rebuild_tensor),
+        ("torch._utils", "_rebuild_tensor_v2", _impl_rebuild_tensor_v2),
+        ("torch._utils", "_rebuild_tensor_v3", _impl_rebuild_tensor_v3),
+        ("torch._utils", "_rebuild_parameter", _impl_rebuild_parameter),
+        ("torch._utils", "_rebuild_parameter_with_state", _impl_rebuild_parameter),
+        ("torch._tensor", "_rebuild_from_type_v2", _impl_rebuild_from_type_v2),
+    ):
+        add(module, name, g(f"{module}.{name}", impl))
     add("torch", "Tensor", _Sentinel("torch.Tensor"))
     add(("torch.nn.parameter", "torch.nn"), "Parameter", _Sentinel("torch.nn.parameter.Parameter"))
     add("torch", "Size", g("torch.Size", _impl_torch_size))
@@ -627,8 +639,9 @@ def _build_allow_list() -> dict[tuple[str, str], Any]:
     # OmegaConf: rebuilt from their pickled __dict__, omegaconf itself is never imported.
     add("omegaconf.dictconfig", "DictConfig", _holder_class("omegaconf.dictconfig.DictConfig", "dict"))
     add("omegaconf.listconfig", "ListConfig", _holder_class("omegaconf.listconfig.ListConfig", "list"))
-    for node in ("AnyNode", "StringNode", "IntegerNode", "FloatNode", "BooleanNode", "BytesNode", "PathNode", "ValueNode"):
+    for node in ("AnyNode", "StringNode", "IntegerNode", "FloatNode", "BooleanNode", "BytesNode", "PathNode"):
         add("omegaconf.nodes", node, _holder_class(f"omegaconf.nodes.{node}", "node"))
+    add("omegaconf.nodes", "ValueNode", _holder_class("omegaconf.nodes.ValueNode", "node"))
     add("omegaconf.base", "ContainerMetadata", _holder_class("omegaconf.base.ContainerMetadata", "meta"))
     add("omegaconf.base", "Metadata", _holder_class("omegaconf.base.Metadata", "meta"))
     for name in ("Any", "Dict", "List", "Tuple"):
@@ -704,7 +717,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if not (isinstance(view, tuple) and len(view) == 3):
             raise _Corrupt("bad legacy storage view metadata")
         vkey, voff, vsize = view
-        if not isinstance(vkey, str) or type(voff) is not int or type(vsize) is not int or voff < 0 or vsize < 0 or voff + vsize > numel:
+        ints = type(voff) is int and type(vsize) is int
+        if not (isinstance(vkey, str) and ints and voff >= 0 and vsize >= 0 and voff + vsize <= numel):
             raise _Corrupt("bad legacy storage view metadata")
         v = ctx.views.get(vkey)
         if v is None:
@@ -740,7 +754,9 @@ def _read_zip_storages(zf: zipfile.ZipFile, root: str, ctx: _Context):
             raise _Corrupt(f"storage data/{key} missing from the archive") from None
         nbytes = st.numel * st.itemsize
         if info.file_size != nbytes:
-            raise _Corrupt(f"storage data/{key} has {info.file_size} bytes, expected {nbytes} ({st.numel} x {st.dtype})")
+            raise _Corrupt(
+                f"storage data/{key} has {info.file_size} bytes, expected {nbytes} ({st.numel} x {st.dtype})"
+            )
         with zf.open(info) as f:
             st.data = _read_exact(f, nbytes, f"storage data/{key}")
 
@@ -794,7 +810,8 @@ def _materialize(t: _Tensor, big_endian: bool) -> np.ndarray:
         # halves peak memory on the 1 GB official checkpoint).  Nothing else can alias it.
         arr = flat.reshape(t.size)
     else:
-        view = np.lib.stride_tricks.as_strided(flat[t.offset:], shape=t.size, strides=tuple(s * isz for s in t.stride), writeable=False)
+        strides = tuple(s * isz for s in t.stride)
+        view = np.lib.stride_tricks.as_strided(flat[t.offset:], shape=t.size, strides=strides, writeable=False)
         arr = np.array(view, dtype=dtype, order="C", copy=True)
     if big_endian and isz > 1:
         arr.byteswap(inplace=True)
@@ -971,7 +988,7 @@ def load_torch_file(path) -> Any:
         raise TorchFileError(f"{path}: out of memory while reading (a tensor or storage is too large)") from None
     except (zipfile.BadZipFile, OSError) as e:
         raise TorchFileError(f"{path}: truncated or corrupted archive ({e})") from None
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError, struct.error, UnicodeDecodeError) as e:
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError, struct.error) as e:
         # Malformed opcodes/arguments surface as assorted builtin errors.
         raise TorchFileError(f"{path}: corrupted pickle ({type(e).__name__}: {e})") from None
 
@@ -1072,7 +1089,8 @@ def load_state_dict_file(path) -> tuple[dict[str, np.ndarray], dict]:
     Keys are returned exactly as stored (no ``module.`` stripping).
     """
     path = os.fspath(path)
-    if path.endswith(".safetensors") or (not path.endswith((".pt", ".pth", ".ckpt")) and _looks_like_safetensors(path)):
+    torch_suffix = path.endswith((".pt", ".pth", ".ckpt"))
+    if path.endswith(".safetensors") or (not torch_suffix and _looks_like_safetensors(path)):
         if not os.path.isfile(path):
             raise TorchFileError(f"{path}: no such file")
         try:
@@ -1088,7 +1106,10 @@ def load_state_dict_file(path) -> tuple[dict[str, np.ndarray], dict]:
         if key in obj:
             sd = obj[key]
             if not _is_state_dict(sd):
-                bad = [k for k, v in sd.items() if not isinstance(v, np.ndarray)][:5] if isinstance(sd, dict) else type(sd).__name__
+                if isinstance(sd, dict):
+                    bad = [k for k, v in sd.items() if not isinstance(v, np.ndarray)][:5]
+                else:
+                    bad = type(sd).__name__
                 raise TorchFileError(f"{path}: '{key}' is not a state dict of tensors (offending entries: {bad})")
             return sd, {k: v for k, v in obj.items() if k != key}
     if obj and _is_state_dict(obj):

@@ -140,8 +140,9 @@ class SegmentAVCLIP(nn.Module):
 
     def temperature(self) -> jax.Array:
         c = self.config
-        clamped = jnp.clip(self.logit_scale, c.temperature_min, c.temperature_max)
-        return self.logit_scale + jax.lax.stop_gradient(clamped - self.logit_scale)
+        clamped = jnp.clip(jax.lax.stop_gradient(self.logit_scale), c.temperature_min, c.temperature_max)
+        # Value: the clamped temperature, exactly. Gradient: as if unclamped.
+        return clamped + (self.logit_scale - jax.lax.stop_gradient(self.logit_scale))
 
     def video_segment_features(self, segments: jax.Array, train: bool = False) -> jax.Array:
         return self.v_encoder(segments, train)

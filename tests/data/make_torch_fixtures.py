@@ -41,7 +41,16 @@ def encode(obj, arrays: dict, path: str):
             arrays[key] = t.contiguous().view(BIT_VIEWS[t.dtype]).numpy()
         else:
             arrays[key] = t.numpy().copy()
-        return {"__ndarray__": key, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "path": path}
+        dtype = str(t.dtype).removeprefix("torch.")
+        return {"__ndarray__": key, "dtype": dtype, "shape": list(t.shape), "path": path}
+    if isinstance(obj, np.ndarray):
+        key = f"a{len(arrays):03d}"
+        arrays[key] = obj
+        return {"__ndarray__": key, "dtype": obj.dtype.name, "shape": list(obj.shape), "path": path}
+    if isinstance(obj, (torch.device, torch.dtype)):
+        return str(obj)  # the reader returns devices as 'cpu'/'cuda:0', dtypes by name
+    if isinstance(obj, complex):
+        return {"__complex__": [obj.real, obj.imag]}
     if isinstance(obj, np.generic):
         return {"__npscalar__": obj.dtype.str, "value": obj.item()}
     if isinstance(obj, dict):
@@ -55,7 +64,7 @@ def encode(obj, arrays: dict, path: str):
     if isinstance(obj, bytes):
         return {"__bytes__": obj.hex()}
     if isinstance(obj, (set, frozenset)):
-        return {"__set__": sorted(obj)}
+        return {"__set__" if isinstance(obj, set) else "__frozenset__": sorted(obj)}
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     raise TypeError(f"cannot encode {type(obj)} at {path}")
@@ -65,11 +74,11 @@ def expected_of(obj):
     """What a torch-free reader must return: OmegaConf -> containers, OrderedDict -> dict."""
     if isinstance(obj, (DictConfig, ListConfig)):
         return OmegaConf.to_container(obj, resolve=False)
-    if isinstance(obj, dict):
+    if isinstance(obj, dict):  # OrderedDict/defaultdict -> dict
         return {k: expected_of(v) for k, v in obj.items()}
     if isinstance(obj, list):
         return [expected_of(v) for v in obj]
-    if isinstance(obj, tuple):
+    if isinstance(obj, tuple):  # torch.Size -> tuple
         return tuple(expected_of(v) for v in obj)
     return obj
 
@@ -152,14 +161,43 @@ def config(stage: str):
             "model": {
                 "target": "model.sync_model.Synchformer",
                 "params": {
-                    "afeat_extractor": {"is_trainable": False, "params": {"ckpt_path": "./logs/sync/sync_models/24-01-02T10-00-53/epoch_best.pt", "max_spec_t": 66}},
-                    "vfeat_extractor": {"is_trainable": False, "params": {"ckpt_path": None, "factorize_space_time": True}},
-                    "transformer": {"target": "model.modules.feature_selector.GlobalTransformer", "params": {"n_layer": 3, "n_head": 8, "n_embd": 768, "dropout": 0.0}},
+                    "afeat_extractor": {
+                        "is_trainable": False,
+                        "params": {
+                            "ckpt_path": "./logs/sync/sync_models/24-01-02T10-00-53/epoch_best.pt",
+                            "max_spec_t": 66,
+                        },
+                    },
+                    "vfeat_extractor": {
+                        "is_trainable": False,
+                        "params": {"ckpt_path": None, "factorize_space_time": True},
+                    },
+                    "transformer": {
+                        "target": "model.modules.feature_selector.GlobalTransformer",
+                        "params": {"n_layer": 3, "n_head": 8, "n_embd": 768, "dropout": 0.0},
+                    },
                 },
             },
-            "training": {"base_learning_rate": 2e-6, "betas": [0.9, 0.999], "num_epochs": 10000, "world_size": 1, "lr_scheduler": {"name": "constant_with_warmup", "warmup": 1000}},
-            "data": {"vfps": 25, "afps": 16000, "crop_len_sec": 5.0, "offsets": [-2.0, -1.8, 0.0, 1.8, 2.0], "dataset": {"target": "dataset.vggsound.VGGSoundSparsePicked", "params": {"load_fixed_offsets_on": ["valid", "test"], "to_filter_bad_examples": True}}},
-            "logging": {"logdir": "./logs/sync/sync_models/", "use_wandb": False, "patience": 50, "vis_segment_sim": True},
+            "training": {
+                "base_learning_rate": 2e-6,
+                "betas": [0.9, 0.999],
+                "num_epochs": 10000,
+                "world_size": 1,
+                "lr_scheduler": {"name": "constant_with_warmup", "warmup": 1000},
+            },
+            "data": {
+                "vfps": 25,
+                "afps": 16000,
+                "crop_len_sec": 5.0,
+                "offsets": [-2.0, -1.8, 0.0, 1.8, 2.0],
+                "dataset": {
+                    "target": "dataset.vggsound.VGGSoundSparsePicked",
+                    "params": {"load_fixed_offsets_on": ["valid", "test"], "to_filter_bad_examples": True},
+                },
+            },
+            "logging": {
+                "logdir": "./logs/sync/sync_models/", "use_wandb": False, "patience": 50, "vis_segment_sim": True,
+            },
             "missing_value": "???",
             "empty_list": [],
             "nested_lists": [[1, 2], [3.5, None, "x", True]],
@@ -196,7 +234,8 @@ def stage2_checkpoint():
         "epoch": 3,
         "optimizer": opt.state_dict(),
         "model": model.state_dict(),
-        "scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000, "_growth_tracker": 3},
+        "scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                   "_growth_tracker": 3},
         "lr_scheduler": sched.state_dict(),
         "model_type": "Synchformer",
     }
@@ -207,7 +246,8 @@ def stage1_checkpoint():
     model = DDP(AVCLIP())
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": 0.2}], lr=1e-4, eps=1e-8)
+    groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": 0.2}]
+    opt = torch.optim.AdamW(groups, lr=1e-4, eps=1e-8)
     one_step(opt, list(model.parameters()))
     return {
         "epoch": 12,
@@ -216,7 +256,8 @@ def stage1_checkpoint():
         "optimizer": opt.state_dict(),
         "metrics": {"sync_w_shifts": {"val_v2a_acc": 0.25, "val_a2v_acc": 0.375, "val_loss": 3.0, "epoch": 12}},
         "args": config("I"),
-        "scaler": {"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000, "_growth_tracker": 0},
+        "scaler": {"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                   "_growth_tracker": 0},
     }
 
 
@@ -241,8 +282,41 @@ def bare_state_dict():
     sd["view_b"] = base.view(4, 6)[:, 1::2]  # strided view of the same storage
     sd["expanded"] = torch.tensor([1.0, 2.0, 3.0]).expand(2, 3)  # stride 0
     sd["parameter"] = torch.nn.Parameter(torch.randn(2, 2))
+    tied = torch.randn(2, 3)
+    sd["tied_a"] = tied.detach()  # distinct tensors, one full storage (tied weights)
+    sd["tied_b"] = tied.detach()
     sd["nonfinite"] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0])
     return sd
+
+
+def misc():
+    """Everything else the reader supports, at top level of one small file."""
+    tagged = torch.ones(2)
+    tagged.note = "python attribute"  # -> torch._tensor._rebuild_from_type_v2
+    param = torch.nn.Parameter(torch.full((2,), 3.0), requires_grad=False)
+    param.note = "param attribute"  # -> torch._utils._rebuild_parameter_with_state
+    return {
+        # UntypedStorage + _rebuild_tensor_v3: dtypes without a typed storage class
+        "f8": torch.tensor([0.5, -2.0, 448.0]).to(torch.float8_e4m3fn),
+        "u16": torch.tensor([1, 65535], dtype=torch.uint16),
+        "tagged_tensor": tagged,
+        "tagged_param": param,
+        "size": torch.Size([2, 3]),
+        "device": torch.device("cpu"),
+        "dtype": torch.float16,
+        "bytes": b"\x00\xffab",
+        "set": {1, 2},
+        "frozenset": frozenset({3}),
+        "complex": 1.5 - 2j,
+        "big_int": 2**70,
+        "tuple": (1, "a", None),
+        "int_keys": {0: "zero", 7: [1.0]},
+        "defaultdict": collections.defaultdict(list, {"a": [1]}),
+        "np_array": np.arange(6, dtype=np.int32).reshape(2, 3),
+        "np_f32": np.float32(0.25),
+        "np_i64": np.int64(-5),
+        "np_bool": np.bool_(True),
+    }
 
 
 def save_with_expected(name: str, obj, **kwargs):
@@ -258,13 +332,17 @@ def main():
     save_with_expected("epoch_best.pt", stage1_checkpoint())
     save_with_expected("synchformer_state_dict.pth", bare_state_dict())
     save_with_expected("synchformer_state_dict_legacy.pth", bare_state_dict(), _use_new_zipfile_serialization=False)
-    # UntypedStorage + _rebuild_tensor_v3 (dtypes without a typed storage class).
-    extra = {"f8": torch.tensor([0.5, -2.0, 448.0]).to(torch.float8_e4m3fn), "u16": torch.tensor([1, 65535], dtype=torch.uint16)}
-    save_with_expected("v3_tensors.pt", extra)
-    save_with_expected("v3_tensors_legacy.pt", extra, _use_new_zipfile_serialization=False)
+    save_with_expected("misc.pt", misc())
+    # (torch 2.13's own legacy loader fails on UntypedStorage entries; ours reads them.)
+    save_with_expected("misc_legacy.pt", misc(), _use_new_zipfile_serialization=False)
 
     torch.manual_seed(3)
-    st = {"transformer.off_head.weight": torch.randn(21, 8), "transformer.off_head.bias": torch.randn(21), "i64": torch.arange(4), "f16": torch.randn(3).half()}
+    st = {
+        "transformer.off_head.weight": torch.randn(21, 8),
+        "transformer.off_head.bias": torch.randn(21),
+        "i64": torch.arange(4),
+        "f16": torch.randn(3).half(),
+    }
     save_file(st, OUT / "weights.safetensors", metadata={"format": "pt", "source": "make_torch_fixtures"})
     write_expected("weights.safetensors", st)
     stb = {"bf16": torch.randn(2, 3).bfloat16(), "f32": torch.randn(4)}

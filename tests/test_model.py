@@ -1,0 +1,163 @@
+"""Model behaviour beyond parity: precision, training mode, gradients, entry points."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from synchformer_jax.models import convert_torch as ct
+from synchformer_jax.models import synchformer as sf
+from synchformer_jax.models.config import HEAD_SYNCHRONIZABILITY, KIND_AVCLIP, tiny_config
+from tests import reference_data as rd
+
+
+def _small(**kw):
+    """The tiny structure at 2 segments of 32x32 video: fast enough for many variants."""
+    base = tiny_config(n_segments=2, **{"video.img_size": 32})
+    return base.replace(**kw) if kw else base
+
+
+def _inputs(config, batch=2, seed=0):
+    rng = np.random.default_rng(seed)
+    video, audio = sf.dummy_inputs(config, batch)
+    return (jnp.asarray(rng.uniform(-1, 1, video.shape).astype(np.float32)),
+            jnp.asarray(rng.normal(0, 0.5, audio.shape).astype(np.float32)))
+
+
+def _rel(x, y):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    return np.linalg.norm(x - y) / np.linalg.norm(x)
+
+
+def test_bfloat16_forward_within_bfloat16_tolerance_of_float32(reference_path):
+    sd = load_file(rd.require(reference_path / "model.safetensors"))
+    config = ct.infer_config(sd, overrides=rd.head_overrides(reference_path))
+    params = ct.torch_to_flax(sd, config).params
+    case = np.load(rd.case_files(reference_path)[0])
+    video = jnp.asarray(rd.video_input(reference_path, case, rd.constants(reference_path)["rgb_u8_to_model_input_lut"]))
+    audio = jnp.asarray(case["audio_input"])
+    outs = {}
+    for dtype in ("float32", "bfloat16"):
+        model = sf.Synchformer(config.replace(dtype=dtype))
+        fwd = jax.jit(lambda v, a, m=model: m.apply({"params": params}, v, a, mutable=["intermediates"]))
+        logits, state = fwd(video, audio)
+        assert logits.dtype == jnp.float32  # logits stay float32 whatever the compute dtype
+        outs[dtype] = (logits, state["intermediates"]["vfeat"][0], state["intermediates"]["afeat"][0])
+    # bfloat16 keeps 8 bits of mantissa (relative step 2^-8 = 0.4 %); a few steps of
+    # accumulated rounding through the layers is expected, a wrong op is not.
+    for name, x, y in zip(("logits", "vfeat", "afeat"), outs["float32"], outs["bfloat16"]):
+        assert _rel(x, y) < 2e-2, name
+    assert float(jnp.max(jnp.abs(outs["float32"][0] - outs["bfloat16"][0]))) < 0.1
+    # The bfloat16 run really computed in bfloat16 (it is not the float32 run again).
+    assert float(jnp.max(jnp.abs(outs["float32"][0] - outs["bfloat16"][0]))) > 1e-5
+
+
+def test_train_mode_dropout_and_drop_path():
+    config = _small()
+    model = sf.Synchformer(config)
+    params = sf.init_params(config, jax.random.key(0))
+    video, audio = _inputs(config)
+    run = jax.jit(lambda rng, train_ext: model.apply({"params": params}, video, audio, train=True,
+                                                      train_extractors=train_ext, rngs={"dropout": rng}),
+                  static_argnums=1)
+    eval_logits = model.apply({"params": params}, video, audio)
+    a, b = run(jax.random.key(1), False), run(jax.random.key(2), False)
+    assert not np.allclose(a, b) and not np.allclose(a, eval_logits)
+    np.testing.assert_array_equal(a, run(jax.random.key(1), False))
+    # Frozen extractors stay in eval mode: their features do not depend on the rng.
+    feats = jax.jit(lambda rng, train: model.apply({"params": params}, video, train=train, rngs={"dropout": rng},
+                                                   method="extract_video_features"), static_argnums=1)
+    np.testing.assert_array_equal(feats(jax.random.key(1), False), feats(jax.random.key(2), False))
+    # Drop path (0.2, stage I) makes the training-mode video features stochastic.
+    assert not np.allclose(feats(jax.random.key(1), True), feats(jax.random.key(2), True))
+
+
+def test_gradients_flow_and_remat_changes_nothing():
+    config = _small(**{"sync.embd_pdrop": 0.0, "sync.attn_pdrop": 0.0, "sync.resid_pdrop": 0.0})
+    params = sf.init_params(config, jax.random.key(0))
+    video, audio = _inputs(config)
+    target = jnp.array([3, 7])
+
+    def loss(p, model):
+        logits = model.apply({"params": p}, video, audio)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), target[:, None], axis=1))
+
+    grads = {}
+    for remat in (False, True):
+        model = sf.Synchformer(config.replace(remat=remat))
+        grads[remat] = jax.jit(jax.grad(functools.partial(loss, model=model)))(params)
+    flat = jax.tree_util.tree_leaves_with_path(grads[False])
+    assert all(np.all(np.isfinite(g)) for _, g in flat)
+    nonzero = [jax.tree_util.keystr(p) for p, g in flat if np.any(g != 0)]
+    for module in ("vfeat_extractor", "afeat_extractor", "vproj", "aproj", "transformer"):
+        assert any(module in p for p in nonzero), module
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), grads[False], grads[True])
+
+
+def test_compare_is_differentiable_wrt_features():
+    """Downstream users put the sync score in a loss: gradients w.r.t. audio features."""
+    config = _small()
+    model = sf.Synchformer(config)
+    params = sf.init_params(config, jax.random.key(0))
+    video, audio = _inputs(config)
+    vfeat = sf.extract_video_features(model, params, video)
+    afeat = sf.extract_audio_features(model, params, audio)
+    assert vfeat.shape == (2, 2, 8, 96) and afeat.shape == (2, 2, 6, 96)
+    g = jax.grad(lambda a: jnp.sum(jax.nn.softmax(sf.compare(model, params, vfeat, a))[:, 10]))(afeat)
+    assert g.shape == afeat.shape and float(jnp.abs(g).sum()) > 0
+
+
+@pytest.mark.parametrize("num_classes", [3, 21, 41])
+def test_offset_class_grid_is_configurable(num_classes):
+    config = _small(**{"sync.num_offset_classes": num_classes})
+    params = sf.init_params(config, jax.random.key(0))
+    assert params["transformer"]["off_head"]["kernel"].shape == (64, num_classes)
+    logits = sf.Synchformer(config).apply({"params": params}, *_inputs(config, batch=1))
+    assert logits.shape == (1, num_classes)
+
+
+def test_synchronizability_head_and_sequence_length_check():
+    config = _small(**{"sync.head": HEAD_SYNCHRONIZABILITY})
+    params = sf.init_params(config, jax.random.key(0))
+    assert "sync_head" in params["transformer"] and "off_head" not in params["transformer"]
+    model = sf.Synchformer(config)
+    video, audio = _inputs(config, batch=1)
+    assert model.apply({"params": params}, video, audio).shape == (1, 2)
+    vfeat = sf.extract_video_features(model, params, video)
+    afeat = sf.extract_audio_features(model, params, audio)
+    with pytest.raises(ValueError, match="position table has 30 rows"):
+        sf.compare(model, params, vfeat[:, :1], afeat)
+
+
+def test_segment_avclip_embeddings_and_temperature():
+    config = _small(kind=KIND_AVCLIP)
+    model = sf.SegmentAVCLIP(config)
+    params = sf.init_params(config, jax.random.key(0))
+    assert set(params) == {"v_encoder", "a_encoder", "logit_scale"}
+    video, audio = _inputs(config)
+    v, a, tau = model.apply({"params": params}, video, audio)
+    assert v.shape == a.shape == (2, 2, 96)
+    np.testing.assert_allclose(jnp.linalg.norm(v, axis=-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(jnp.linalg.norm(a, axis=-1), 1.0, rtol=1e-5)
+    assert float(tau) == pytest.approx(0.07)
+    # The temperature is clamped to [0.001, 0.5] but still receives a gradient there.
+    for raw, clamped in ((2.0, 0.5), (-1.0, 0.001)):
+        p = dict(params, logit_scale=jnp.asarray(raw))
+        tau_fn = lambda q: model.apply({"params": q}, method="temperature")  # noqa: E731
+        assert float(tau_fn(p)) == pytest.approx(clamped)
+        assert float(jax.grad(tau_fn)(p)["logit_scale"]) == 1.0
+
+
+def test_bad_input_shapes_are_named():
+    config = _small()
+    model = sf.Synchformer(config)
+    params = sf.init_params(config, jax.random.key(0))
+    video, audio = _inputs(config, batch=1)
+    with pytest.raises(ValueError, match=r"video must be \[B, S, T, C, H, W\]"):
+        model.apply({"params": params}, video[0], audio)
+    with pytest.raises(ValueError, match=r"audio must be"):
+        model.apply({"params": params}, video, audio[:, :, :, :, :, None])
