@@ -1,0 +1,1 @@
+"""Evaluation metrics. Evaluators receive predictions, never the model."""
