@@ -83,6 +83,75 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from synchformer_jax import prepare
+
+    try:
+        result = prepare.prepare(
+            args.inputs, args.out, format=args.format, split=args.split, name=args.name,
+            list_format=args.list_format, media_root=args.media_root, num_workers=args.workers,
+            shard_size=args.shard_size, exclude=args.exclude or (),
+            meta=args.meta or (), max_duration_sec=args.max_duration_sec,
+            min_duration_sec=args.min_duration_sec, overwrite=args.overwrite, progress=not args.no_progress)
+    except prepare.PrepareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    splits = result.manifest["splits"]
+    for split in result.splits:
+        s = splits[split]
+        print(f"{split}: {s['num_records']} clips ({s['total_duration_sec'] / 3600:.2f} h) in "
+              f"{len(s['shards'])} {s['format']} shards, {s['num_skipped']} skipped, {s['num_excluded']} excluded")
+    print(f"wrote {result.out_dir / prepare.MANIFEST} ({result.shards_written} shards written, "
+          f"{result.shards_reused} reused from an earlier run)")
+    # One media file that could not be used is an error of the command, not a report.
+    if len(args.inputs) == 1 and pathlib.Path(args.inputs[0]).is_file() and not _is_list(args):
+        skipped = [s for sp in splits.values() for s in sp["skipped"]]
+        if skipped and not sum(sp["num_records"] for sp in splits.values()):
+            print(f"error: {args.inputs[0]}: {skipped[0]['reason']}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _is_list(args: argparse.Namespace) -> bool:
+    from synchformer_jax import prepare
+
+    return args.list_format not in ("auto", "folder") or \
+        pathlib.Path(args.inputs[0]).suffix.lower() in prepare.LIST_SUFFIXES
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_prepare_parser(sub) -> None:
+    p = sub.add_parser("prepare", help="videos (folders, files) or official lists -> ArrayRecord/TFRecord "
+                                       "shards + manifest.json; resumes after an interruption")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="folder of videos (recursive), video file, or official list/CSV (VGGSound, LRS3, "
+                        "AudioSet ids; fixed-offset CSVs)")
+    p.add_argument("--out", required=True, help="output folder (rerun into it to resume)")
+    p.add_argument("--format", choices=("array_record", "tfrecord"), default="array_record")
+    p.add_argument("--list-format", default="auto",
+                   choices=("auto", "folder", "vggsound", "lrs3", "audioset", "fixed_offsets", "sparse_fixed_offsets"))
+    p.add_argument("--media-root", help="folder holding <id>.mp4 for list inputs (default: the list's folder)")
+    p.add_argument("--split", help="split name for all inputs (default: from the list name, else train)")
+    p.add_argument("--name", help="dataset name in shard file names (default: vggsound/lrs3/audioset or clips)")
+    p.add_argument("--workers", type=int, default=None, help="loader processes (default: all cores; 0: inline)")
+    p.add_argument("--shard-size", type=_positive_int, default=1024, help="clips per shard")
+    p.add_argument("--exclude", action="append", metavar="LIST",
+                   help="filter list file or folder of lists whose ids are left out (repeatable)")
+    p.add_argument("--meta", action="append", metavar="CSV",
+                   help="class labels for list inputs: VGGSound's vggsound.csv (repeatable)")
+    p.add_argument("--max-duration-sec", type=float, help="keep at most this much of each clip")
+    p.add_argument("--min-duration-sec", type=float, help="skip clips shorter than this (official: 9)")
+    p.add_argument("--overwrite", action="store_true", help="replace a split prepared from other inputs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_prepare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="synchformer-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.set_defaults(fn=cmd_info)
+
+    _add_prepare_parser(sub)
     return parser
 
 
