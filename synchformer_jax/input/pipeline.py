@@ -1,0 +1,663 @@
+"""grain pipelines: record shards -> host batches (uint8 video, raw audio, labels).
+
+Shape of a host batch (per host, `B` = per-host batch size):
+
+    video  uint8   [B, V, 224, 224, 3]  the frames the segments cover, cropped (and flipped)
+    audio  float32 [B, A]               the samples the segments cover (or [B, S, 1, 128, 66]
+                                        log-mel with `host_audio="logmel"`)
+    mask   bool    [B]                  False for padding rows (evaluation's last batch)
+    offset_target int32 [B], offset_sec / v_start_i_sec float32 [B]   (stages II, III)
+    sync_target   int32 [B]                                            (stage III)
+    index  int64   [B]                  global example number (round * N + clip in eval)
+    meta   dict    host-only: clip_id (str [B]), skipped (ids of broken records dropped
+                   since the previous batch); never sent to devices
+
+`V`, `A` are static per stage (`SegmentLayout`): stage II 120 frames / 76 800 samples
+(14 segments of 16 frames, stride 8), stage III 112 / 71 680 (13 segments), stage I
+224 / 143 360 (14 segments, no overlap). `assemble_on_device` turns a batch into the
+model inputs `video [B, S, 16, 3, 224, 224]` and `audio [B, S, 1, 128, 66]` by gathering
+the segments with static indices, normalising uint8 through the exact lookup table and
+computing the log-mel on the device.
+
+Why ship the unsegmented uint8 span and the raw waveform. Measured on the 2-core dev
+machine (stage II, 10-s 256x256 synthetic clips, process CPU time, best of 3 runs over
+16 clips; the machine was shared, so the times vary by about +-30 %):
+
+    per example              host bytes   host CPU per example
+    span u8 + waveform       18.37 MB     35-52 ms decode+crop, +2 ms batching   <- chosen
+    segments u8 + waveform   34.03 MB     same +3 ms segment gather, +10 ms batching
+    span u8 + log-mel        18.54 MB     same +17-19 ms `log_mel_np` (float64 STFT)
+    float32 segments         135.3 MB     same +72 ms uint8 -> float conversion
+
+The stage II/III segments overlap by half (stride 8 of 16 frames), so segmenting on
+the host would copy every frame twice: 1.85x the bytes and ~5x the batching cost of
+the span. Raw audio is 320 KB vs 473 KB of log-mel and saves a third of the host CPU
+per example; on the device the log-mel is a gather and two matmuls. Both device steps
+are exact where it matters: the gather copies bytes, the uint8 lookup table reproduces
+the official float16 normalisation bit for bit, and `log_mel_jax` is within 1e-4 of
+the official front end. H.264 decoding dominates what is left on the host; the decoder
+stops after the last frame a plan needs and converts (YUV -> RGB) only the span, with
+one reused swscale context per thread (a fresh one per clip cost ~60 ms, more than the
+decode). Whole stage-II pipeline (`train_dataset`, batch 4): 12.9 clips/s with one
+read thread and 22.1 clips/s with two on the 2 cores, i.e. ~11-13 clips/s per core;
+two worker processes instead of threads gave 16.2 clips/s (the 18 MB batches cross
+process boundaries), so on few cores prefer `read_threads`, and add `num_workers`
+where the GIL-held parts (batching, grain bookkeeping) become the bottleneck.
+
+Pipelines:
+* `train_dataset`: ArrayRecord -> seeded global shuffle (reshuffled every epoch) ->
+  per-example random plan (rng derived from the seed and the *global* index, so a
+  restart, a different host count or a different worker count draws the same
+  example) -> per-host slice -> threaded map -> drop broken -> batch -> optional worker
+  processes. `get_state` / `set_state` restore exactly (grain's index-based state).
+* `eval_dataset`: every clip `rounds` times (round r reseeded deterministically:
+  `default_rng([seed, r, clip])`), fixed offsets from record labels or a CSV mapping,
+  the last batch padded with `mask=False`, and the same number of batches on every host.
+* `tfrecord_train_dataset`: streaming TFRecord shards, interleaved, window-shuffled.
+* Stage I (`ExampleSpec(stage="segment_avclip")`): 14 non-overlapping segments; pass
+  `augment=Stage1Augment()` for the official per-segment colour / flip / audio
+  augmentations (`input.augment`). Stage III: `stage="synchronizability"`.
+
+Broken records (unreadable bytes, bad header, undecodable or too-short video) are
+logged with their clip id / source, counted in `meta["skipped"]` of the next batch
+(use `SkipReport` in the training loop), and never stop the pipeline.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import io
+import logging
+import math
+import threading
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import av
+from av.video.reformatter import VideoReformatter
+import grain
+import grain.experimental
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from synchformer_jax import records
+from synchformer_jax.input import augment as augment_lib
+from synchformer_jax.input import melspec, normalize, transforms
+from synchformer_jax.input.sources import ArrayRecordSource, Broken, TFRecordShardDataset, expand_paths
+
+__all__ = [
+    "STAGES", "SegmentLayout", "ExampleSpec", "decode_video_bytes", "process_record",
+    "collate", "SkipReport", "train_dataset", "eval_dataset", "tfrecord_train_dataset",
+    "read_fixed_offsets_csv", "assemble_on_device", "Stage1Augment", "mark_absl_flags_parsed",
+]
+
+_log = logging.getLogger(__name__)
+
+STAGES = ("segment_avclip", "sync", "synchronizability")
+Augment = Callable[[Dict[str, Any], transforms.ExamplePlan, np.random.Generator], Dict[str, Any]]
+FixedOffsets = Union[None, str, Mapping[str, Tuple[float, float]]]
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentLayout:
+    """Where each segment sits inside the shipped span (static, hashable for jit)."""
+    n_segments: int
+    frame_stride: int
+    sample_stride: int
+    segment_frames: int = 16
+    segment_samples: int = 10240
+
+    @property
+    def video_span(self) -> int:
+        return (self.n_segments - 1) * self.frame_stride + self.segment_frames
+
+    @property
+    def audio_span(self) -> int:
+        return (self.n_segments - 1) * self.sample_stride + self.segment_samples
+
+    def frame_index(self) -> np.ndarray:
+        """`[S, 16]` frame of the span used by each segment position."""
+        return (np.arange(self.n_segments)[:, None] * self.frame_stride
+                + np.arange(self.segment_frames)[None]).astype(np.int32)
+
+    def sample_index(self) -> np.ndarray:
+        """`[S, 10240]` sample of the span used by each segment position."""
+        return (np.arange(self.n_segments)[:, None] * self.sample_stride
+                + np.arange(self.segment_samples)[None]).astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleSpec:
+    """What one example is: the stage, train/eval and the official transform knobs."""
+    stage: str = "sync"
+    train: bool = True
+    crop_size: int = 224
+    n_segments: Optional[int] = None  # None: 14 (stages I, II) / 13 (stage III)
+    segment_frames: int = 16
+    crop_len_sec: float = 5.0
+    max_off_sec: float = 2.0
+    grid_size: int = 21
+    max_jitter_sec: float = 0.05  # stage II/III training audio jitter (eval: none)
+    hflip_p: float = 0.5  # stage II/III training whole-clip flip
+    audio_jitter_sec: float = 0.05  # stage I training shared audio shift
+    host_audio: str = "waveform"  # or "logmel" (host computes the log-mel; more bytes, more CPU)
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.host_audio not in ("waveform", "logmel"):
+            raise ValueError(f"host_audio must be 'waveform' or 'logmel', got {self.host_audio!r}")
+
+    @property
+    def segments(self) -> int:
+        if self.n_segments is not None:
+            return int(self.n_segments)
+        return 13 if self.stage == "synchronizability" else 14
+
+    @property
+    def layout(self) -> SegmentLayout:
+        step = 1.0 if self.stage == "segment_avclip" else 0.5
+        seg_a = transforms.sec2frames(self.segment_frames / transforms.VIDEO_FPS, transforms.AUDIO_RATE)
+        return SegmentLayout(self.segments, int(step * self.segment_frames), int(step * seg_a),
+                             self.segment_frames, seg_a)
+
+    def plan(self, n_frames: int, n_samples: int, height: int, width: int,
+             rng: Optional[np.random.Generator], fixed: Optional[Tuple[float, float]] = None
+             ) -> transforms.ExamplePlan:
+        if self.stage == "segment_avclip":
+            return transforms.plan_segment_avclip_example(
+                n_frames, n_samples, height, width, train=self.train, rng=rng if self.train else None,
+                crop_size=self.crop_size, n_segments=self.segments,
+                segment_size_vframes=self.segment_frames, audio_jitter_sec=self.audio_jitter_sec)
+        off, vstart = fixed if fixed is not None else (None, None)
+        return transforms.plan_sync_example(
+            n_frames, n_samples, height, width, train=self.train, rng=rng, offset_sec=off,
+            v_start_i_sec=vstart, synchronizability=self.stage == "synchronizability",
+            crop_size=self.crop_size, n_segments=self.segments,
+            segment_size_vframes=self.segment_frames, crop_len_sec=self.crop_len_sec,
+            max_off_sec=self.max_off_sec, grid_size=self.grid_size,
+            max_jitter_sec=self.max_jitter_sec, hflip_p=self.hflip_p)
+
+
+# ------------------------------------------------------------------------ one example
+
+
+_local = threading.local()
+
+
+def _reformatter():
+    # A reused swscale context: `VideoFrame.to_ndarray(format="rgb24")` builds a new one
+    # per container, which costs more than decoding the whole clip (~60 ms measured);
+    # the output is identical. One per thread because the context is not thread-safe.
+    r = getattr(_local, "reformatter", None)
+    if r is None:
+        r = _local.reformatter = VideoReformatter()
+    return r
+
+
+def decode_video_bytes(mp4: bytes, *, start: int = 0, stop_after: Optional[int] = None,
+                       top_left: Optional[Tuple[int, int]] = None, size: Optional[Tuple[int, int]] = None,
+                       container=None) -> np.ndarray:
+    """Frames `start..` of in-memory video bytes as `uint8 [T, h, w, 3]` RGB, in
+    presentation order (the frames `media.decode_media` returns for contract files).
+
+    `stop_after`: stop after frame `stop_after` (inclusive), which is all a plan needs;
+    frames before `start` are decoded but not converted; `top_left` + `size` crop each
+    frame right after conversion, so the full frames are never held together.
+    """
+    own = container is None
+    if own:
+        container = av.open(io.BytesIO(mp4))
+    try:
+        stream = container.streams.video[0]
+        # One thread per decode: the pipeline already decodes several clips in
+        # parallel (threads / worker processes).
+        stream.thread_type = "NONE"
+        reformat = _reformatter().reformat
+        out = []
+        for n, frame in enumerate(container.decode(stream)):
+            if n >= start:
+                x = reformat(frame, format="rgb24").to_ndarray()
+                if top_left is not None:
+                    i, j = top_left
+                    x = x[i:i + size[0], j:j + size[1]]
+                out.append(x)
+            if stop_after is not None and n >= stop_after:
+                break
+    finally:
+        if own:
+            container.close()
+    if not out:
+        raise ValueError(f"the video has no decodable frames from frame {start}")
+    return np.stack(out)
+
+
+def _fixed_for(rec: records.ClipRecord, fixed: FixedOffsets) -> Optional[Tuple[float, float]]:
+    if fixed is None:
+        return None
+    if isinstance(fixed, str):
+        if fixed != "labels":
+            raise ValueError(f"fixed_offsets must be None, 'labels' or a mapping, got {fixed!r}")
+        lab = rec.labels
+        if "offset_sec" not in lab or "vstart_sec" not in lab:
+            raise ValueError("record has no labels offset_sec / vstart_sec for the fixed-offset protocol")
+        return float(lab["offset_sec"]), float(lab["vstart_sec"])
+    if rec.clip_id not in fixed:
+        raise ValueError("clip is not in the fixed-offset mapping")
+    off, vstart = fixed[rec.clip_id]
+    return float(off), float(vstart)
+
+
+def process_record(data, rng: Optional[np.random.Generator], spec: ExampleSpec, *,
+                   fixed: FixedOffsets = None, augment: Optional[Augment] = None,
+                   index: int = -1):
+    """Record bytes -> one host example (see the module doc), or `Broken`."""
+    if isinstance(data, Broken):
+        return data
+    clip = "?"
+    try:
+        rec = records.decode(data)
+        clip = rec.clip_id or "?"
+        if int(rec.fps) != transforms.VIDEO_FPS or int(rec.sample_rate) != transforms.AUDIO_RATE:
+            raise ValueError(f"not at the input contract: {rec.fps} fps, {rec.sample_rate} Hz")
+        with av.open(io.BytesIO(rec.video_mp4)) as container:
+            ctx = container.streams.video[0].codec_context
+            height, width = int(ctx.height), int(ctx.width)
+            n_frames = int(rec.num_frames)
+            if n_frames <= 0:
+                raise ValueError("record does not give num_frames")
+            plan = spec.plan(n_frames, int(rec.audio.shape[0]), height, width, rng, _fixed_for(rec, fixed))
+            layout = spec.layout
+            fidx = plan.segment_frame_indices
+            v0 = int(fidx[0, 0])
+            if not np.array_equal(fidx - v0, layout.frame_index()):
+                raise AssertionError("plan and segment layout disagree")  # a bug, not bad data
+            last = v0 + layout.video_span - 1
+            # An augmentation that crops by itself (stage I's "sometimes upscale") gets
+            # whole frames.
+            full = bool(getattr(augment, "needs_full_frames", False))
+            video = decode_video_bytes(b"", start=v0, stop_after=last, top_left=None if full else plan.top_left,
+                                       size=plan.crop_size, container=container)
+        if video.shape[0] != layout.video_span:
+            raise ValueError(f"video decodes to {v0 + video.shape[0]} frames, the plan needs {last + 1}"
+                             f" (record says {n_frames})")
+        if plan.flip:
+            video = video[:, :, ::-1]
+        a0 = int(plan.segment_sample_starts[0])
+        audio = np.asarray(rec.audio[a0:a0 + layout.audio_span], dtype=np.float32)
+        if audio.shape[0] != layout.audio_span:
+            raise ValueError(f"audio of {rec.audio.shape[0]} samples is too short for the plan")
+        example: Dict[str, Any] = {"video": np.ascontiguousarray(video), "audio": audio}
+        if plan.temporal is not None:
+            example["offset_target"] = np.int32(plan.temporal.offset_class)
+            example["offset_sec"] = np.float32(plan.temporal.offset_sec)
+            example["v_start_i_sec"] = np.float32(plan.temporal.v_start_i_sec)
+            if spec.stage == "synchronizability":
+                example["sync_target"] = np.int32(bool(plan.temporal.is_synchronizable))
+        if augment is not None:
+            example = augment(example, plan, rng)
+            want = (layout.video_span,) + tuple(plan.crop_size) + (3,)
+            if example["video"].shape != want or example["audio"].shape != (layout.audio_span,):
+                raise AssertionError(f"augmentation changed the example shape to {example['video'].shape}")
+        if spec.host_audio == "logmel":
+            seg = example["audio"][layout.sample_index()]
+            example["audio"] = melspec.log_mel_np(seg)
+        example["mask"] = np.bool_(True)
+        example["index"] = np.int64(index)
+        example["meta"] = {"clip_id": rec.clip_id}
+        return example
+    except AssertionError:
+        raise  # an inconsistency in this code, not in the data: never hide it as a skip
+    except Exception as exc:  # noqa: BLE001 - one bad clip must not stop a long run
+        src = ""
+        try:
+            src = records.decode_header(data).get("source", "")
+        except Exception:  # noqa: BLE001
+            pass
+        where = f"clip {clip!r}" + (f" ({src})" if src else "") + f" at index {index}"
+        return Broken(where, f"{type(exc).__name__}: {exc}")
+
+
+def _empty_example(spec: ExampleSpec) -> Dict[str, Any]:
+    """A zero example with the spec's shapes: padding for evaluation batches."""
+    lay = spec.layout
+    c = spec.crop_size
+    ex: Dict[str, Any] = {"video": np.zeros((lay.video_span, c, c, 3), np.uint8)}
+    if spec.host_audio == "logmel":
+        ex["audio"] = np.zeros((lay.n_segments, 1, melspec.N_MELS, melspec.N_FRAMES), np.float32)
+    else:
+        ex["audio"] = np.zeros((lay.audio_span,), np.float32)
+    if spec.stage != "segment_avclip":
+        ex.update(offset_target=np.int32(0), offset_sec=np.float32(0), v_start_i_sec=np.float32(0))
+        if spec.stage == "synchronizability":
+            ex["sync_target"] = np.int32(0)
+    ex.update(mask=np.bool_(False), index=np.int64(-1), meta={"clip_id": ""})
+    return ex
+
+
+def collate(examples: Sequence[Dict[str, Any]], pad_to: Optional[int] = None,
+            pad_example: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Stacks examples into a batch; pads to `pad_to` rows with `pad_example` (mask False)."""
+    examples = list(examples)
+    if pad_to is not None and len(examples) < pad_to:
+        examples += [pad_example] * (pad_to - len(examples))
+    batch = {k: np.stack([e[k] for e in examples]) for k in examples[0] if k != "meta"}
+    skipped: List[str] = []
+    for e in examples:
+        skipped.extend(e["meta"].get("skipped", ()))
+    batch["meta"] = {"clip_id": np.array([e["meta"]["clip_id"] for e in examples]),
+                     "skipped": skipped}
+    return batch
+
+
+# ----------------------------------------------------------------- skipping broken ones
+
+
+class _DropBrokenIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator):
+        super().__init__(parent)
+        self._pending: List[str] = []
+
+    def __next__(self):
+        while True:
+            x = next(self._parent)
+            if isinstance(x, Broken):
+                _log.warning("skipping broken record: %s: %s", x.where, x.error)
+                self._pending.append(f"{x.where}: {x.error}")
+                continue
+            if self._pending:
+                x = dict(x)
+                x["meta"] = dict(x["meta"], skipped=self._pending)
+                self._pending = []
+            return x
+
+    def get_state(self):
+        # The not-yet-reported skips are part of the state, so a restored iterator
+        # reports exactly what the original would have.
+        return {"parent": self._parent.get_state(), "pending": list(self._pending)}
+
+    def set_state(self, state):
+        self._parent.set_state(state["parent"])
+        self._pending = list(state["pending"])
+
+
+class _DropBroken(grain.IterDataset):
+    """Removes `Broken` markers; their descriptions ride on the next example's meta."""
+
+    def __init__(self, parent: grain.IterDataset):
+        super().__init__(parent)
+
+    def __iter__(self):
+        return _DropBrokenIterator(self._parent.__iter__())
+
+
+class SkipReport:
+    """Main-process tally of broken records, fed with every batch (`update`).
+
+    The worker that drops a record logs a warning; with worker processes that log may
+    not reach the main process, so the training loop should feed every batch here and
+    report `count` with its metrics.
+    """
+
+    def __init__(self):
+        self.count = 0
+        self.items: List[str] = []
+
+    def update(self, batch: Mapping[str, Any]) -> int:
+        skipped = list(batch.get("meta", {}).get("skipped", ()))
+        self.count += len(skipped)
+        for s in skipped:
+            _log.info("broken record skipped (%d so far): %s", self.count, s)
+        self.items.extend(skipped)
+        return len(skipped)
+
+
+class _FixedCountIterator(grain.DatasetIterator):
+    def __init__(self, parent, num_batches: int, pad_batch: Dict[str, Any]):
+        super().__init__(parent)
+        self._n = num_batches
+        self._pad = pad_batch
+        self._emitted = 0
+
+    def __next__(self):
+        if self._emitted >= self._n:
+            raise StopIteration
+        try:
+            batch = next(self._parent)
+        except StopIteration:
+            # This host ran out early (fewer clips after slicing, or skipped broken
+            # ones): every host must run the same number of collective eval steps.
+            batch = self._pad
+        self._emitted += 1
+        return batch
+
+    def get_state(self):
+        return {"parent": self._parent.get_state(), "emitted": self._emitted}
+
+    def set_state(self, state):
+        self._parent.set_state(state["parent"])
+        self._emitted = int(state["emitted"])
+
+
+class _FixedCount(grain.IterDataset):
+    def __init__(self, parent, num_batches: int, pad_batch: Dict[str, Any]):
+        super().__init__(parent)
+        self._n = num_batches
+        self._pad = pad_batch
+
+    def __iter__(self):
+        return _FixedCountIterator(self._parent.__iter__(), self._n, self._pad)
+
+
+# ---------------------------------------------------------------------------- datasets
+
+
+class _RandomProcess:
+    """`random_map` callable (a class so that worker processes can pickle it)."""
+
+    def __init__(self, spec: ExampleSpec, augment: Optional[Augment]):
+        self.spec, self.augment = spec, augment
+
+    def __call__(self, data, rng):
+        return process_record(data, rng, self.spec, augment=self.augment)
+
+
+class _IndexedRandomProcess(_RandomProcess):
+    def __call__(self, item, rng):
+        index, data = item
+        return process_record(data, rng, self.spec, augment=self.augment, index=index)
+
+
+def _with_index(index, x):
+    return index, x
+
+
+class _EvalProcess:
+    def __init__(self, source, spec: ExampleSpec, seed: int, fixed: FixedOffsets):
+        self.source, self.spec, self.seed, self.fixed = source, spec, int(seed), fixed
+
+    def __call__(self, index: int):
+        n = len(self.source)
+        rnd, clip = divmod(int(index), n)
+        # One generator per (round, clip): a round's draws do not depend on the batch
+        # size, host count, worker count or on which clips were broken.
+        rng = np.random.default_rng([self.seed, rnd, clip])
+        return process_record(self.source[clip], rng, self.spec, fixed=self.fixed, index=index)
+
+
+def _finish(ds: grain.IterDataset, batch_fn, batch_size: int, drop_remainder: bool,
+            num_workers: int, per_worker_buffer: int) -> grain.IterDataset:
+    ds = _DropBroken(ds)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=batch_fn)
+    if num_workers > 0:
+        mark_absl_flags_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                         per_worker_buffer_size=per_worker_buffer))
+    return ds
+
+
+def _check_host(process_index: int, process_count: int):
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+
+
+def train_dataset(paths, spec: ExampleSpec, *, batch_size: int, seed: int,
+                  process_index: int = 0, process_count: int = 1, num_epochs: Optional[int] = None,
+                  num_workers: int = 0, read_threads: int = 4, prefetch_buffer_size: int = 16,
+                  per_worker_buffer: int = 2, augment: Optional[Augment] = None) -> grain.IterDataset:
+    """Training batches of `batch_size` examples (per host) from ArrayRecord shards.
+
+    `num_epochs=None` repeats forever (each epoch reshuffled). Iterate with
+    `iter(ds)`; `get_state()` / `set_state()` on the iterator resume exactly.
+    """
+    _check_host(process_index, process_count)
+    src = ArrayRecordSource(paths)
+    ds = grain.MapDataset.source(src).seed(seed).shuffle().repeat(num_epochs)
+    # random_map before the host slice: each example's generator comes from its global
+    # position, so the draws do not depend on the number of hosts.
+    ds = ds.map_with_index(_with_index).random_map(_IndexedRandomProcess(spec, augment))
+    ds = ds[process_index::process_count]
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size))
+    return _finish(it, collate, batch_size, True, num_workers, per_worker_buffer)
+
+
+def eval_dataset(paths, spec: ExampleSpec, *, batch_size: int, seed: int = 0, rounds: int = 1,
+                 fixed_offsets: FixedOffsets = None, process_index: int = 0, process_count: int = 1,
+                 num_workers: int = 0, read_threads: int = 4, prefetch_buffer_size: int = 16,
+                 per_worker_buffer: int = 2) -> grain.IterDataset:
+    """Evaluation batches: every clip `rounds` times, the last batch padded (`mask`).
+
+    `fixed_offsets`: None (random offset per round, official `load_fixed_offsets_on=[]`
+    with `iter_times=rounds`: 2 for LRS3, 25 for VGGSound-Sparse), `"labels"` (the
+    record's `offset_sec` / `vstart_sec`), or a `{clip_id: (offset_sec, vstart_sec)}`
+    mapping (`read_fixed_offsets_csv`). Every host yields
+    `ceil(ceil(rounds * N / process_count) / batch_size)` batches.
+    """
+    _check_host(process_index, process_count)
+    if spec.train:
+        raise ValueError("eval_dataset needs ExampleSpec(train=False)")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    src = ArrayRecordSource(paths)
+    total = rounds * len(src)
+    ds = grain.MapDataset.range(total).map(_EvalProcess(src, spec, seed, fixed_offsets))
+    ds = ds[process_index::process_count]
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size))
+    pad = _empty_example(spec)
+    batch_fn = functools.partial(collate, pad_to=batch_size, pad_example=pad)
+    it = _finish(it, batch_fn, batch_size, False, num_workers, per_worker_buffer)
+    num_batches = math.ceil(math.ceil(total / process_count) / batch_size)
+    return _FixedCount(it, num_batches, collate([pad] * batch_size))
+
+
+def tfrecord_train_dataset(paths, spec: ExampleSpec, *, batch_size: int, seed: int,
+                           process_index: int = 0, process_count: int = 1,
+                           num_epochs: Optional[int] = None, window_size: int = 256,
+                           cycle_length: int = 4, num_workers: int = 0, verify_crc: bool = True,
+                           per_worker_buffer: int = 2, augment: Optional[Augment] = None) -> grain.IterDataset:
+    """Streaming training batches from TFRecord shards (no random access).
+
+    Shards are split between hosts (`files[process_index::process_count]`) and, inside a
+    host, between worker processes; `cycle_length` shards are read interleaved and
+    examples are shuffled in windows of `window_size` (a weaker shuffle than the
+    ArrayRecord path's global one). State (byte offsets, window position, element
+    counter) restores exactly.
+    """
+    _check_host(process_index, process_count)
+    files = expand_paths(paths)[process_index::process_count]
+    if len(files) < max(1, num_workers):
+        raise ValueError(f"host {process_index} has {len(files)} TFRecord shard(s) for {num_workers} workers;"
+                         " write more shards (streaming splits work by shard)")
+    shards = [TFRecordShardDataset(f, verify=verify_crc) for f in files]
+    ds = grain.experimental.InterleaveIterDataset(shards, cycle_length=min(cycle_length, len(shards)))
+    if num_epochs != 1:
+        ds = grain.experimental.RepeatIterDataset(ds, num_epochs=num_epochs)
+    ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=window_size, seed=seed)
+    ds = ds.random_map(_RandomProcess(spec, augment), seed=seed + 1)
+    return _finish(ds, collate, batch_size, True, num_workers, per_worker_buffer)
+
+
+def read_fixed_offsets_csv(path) -> Dict[str, Tuple[float, float]]:
+    """`{clip_id: (offset_sec, vstart_sec)}` from an official fixed-offset CSV.
+
+    Accepts `path,offset_sec,vstart_sec` (data/fixed_offsets_*/*.csv) and
+    `dataset_name,video_id,vstart_sec,offset_sec,is_sync` (VGGSound-Sparse clean, only
+    rows with `is_sync == 1`, as the official dataset keeps).
+    """
+    out: Dict[str, Tuple[float, float]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if "is_sync" in row and str(row["is_sync"]).strip() != "1":
+                continue
+            key = row.get("path") or row.get("video_id")
+            if key is None:
+                raise ValueError(f"{path}: needs a 'path' or 'video_id' column")
+            val = (float(row["offset_sec"]), float(row["vstart_sec"]))
+            if key in out and out[key] != val:
+                raise ValueError(f"{path}: {key} appears with two different offsets")
+            out[key] = val
+    return out
+
+
+class Stage1Augment:
+    """The stage-I augmentation hook: `augment.stage1_augment` on one example.
+
+    Stage I segments do not overlap, so the shipped span is exactly the segments laid
+    end to end: the video span reshapes to `[S, 16, ...]` and the audio span to
+    `[S, 10240]`, the per-segment augmentations run, and the result goes back to spans.
+    With `config.spatial_crop` (the official 192->224 "sometimes upscale" crop) the
+    frames are decoded uncropped and the augmentation crops them.
+    """
+
+    def __init__(self, config: Optional[augment_lib.Stage1AugmentConfig] = None):
+        self.config = config if config is not None else augment_lib.Stage1AugmentConfig()
+
+    @property
+    def needs_full_frames(self) -> bool:
+        return bool(self.config.spatial_crop)
+
+    def __call__(self, example, plan, rng):
+        n = plan.segments.n_segments
+        video, audio = example["video"], example["audio"]
+        if video.shape[0] % n or audio.shape[0] % n:
+            raise ValueError("Stage1Augment needs non-overlapping segments (stage I)")
+        v, a = augment_lib.stage1_augment(video.reshape(n, -1, *video.shape[1:]), audio.reshape(n, -1),
+                                          rng, self.config)
+        return dict(example, video=np.ascontiguousarray(v.reshape(-1, *v.shape[2:])), audio=a.reshape(-1))
+
+
+def mark_absl_flags_parsed():
+    """grain's worker processes read an absl flag; outside `absl.app.run` that raises
+    `UnparsedFlagAccessError` unless the flags are marked parsed."""
+    from absl import flags  # noqa: PLC0415 - only needed for worker processes
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+# ----------------------------------------------------------------------------- device
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "half", "dtype", "mel_method"))
+def assemble_on_device(batch: Mapping[str, Any], layout: SegmentLayout, half: bool = True,
+                       dtype=jnp.float32, mel_method: str = "fft"):
+    """Host batch (uint8 span, waveform span) -> model inputs, on the device.
+
+    Returns `video [B, S, 16, 3, H, W]` (official values: `half=True` for stages II/III,
+    `False` for stage I evaluation) and `audio [B, S, 1, 128, 66]` float32. The gathers
+    use static indices; the segment overlap is materialised only here.
+    """
+    video = jnp.asarray(batch["video"])  # [B, V, H, W, 3] uint8
+    seg = jnp.take(video, jnp.asarray(layout.frame_index()), axis=1)  # [B, S, 16, H, W, 3]
+    seg = jnp.moveaxis(seg, -1, -3)  # uint8 transpose: 4x cheaper than after the lookup
+    v = normalize.video_uint8_to_model_input(seg, half=half, dtype=dtype)
+    audio = jnp.asarray(batch["audio"])
+    if audio.ndim == 2:  # waveform span [B, A]
+        a = melspec.log_mel_jax(jnp.take(audio, jnp.asarray(layout.sample_index()), axis=1), method=mel_method)
+    else:  # already log-mel [B, S, 1, 128, 66]
+        a = audio.astype(jnp.float32)
+    return v, a
