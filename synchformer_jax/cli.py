@@ -1,6 +1,6 @@
 """`synchformer-jax` command line.
 
-Subcommands so far: `convert` (official checkpoints <-> model folders) and `info`.
+Subcommands: `convert` (official checkpoints <-> model folders), `info`, `prepare`.
 Errors on user input are one line naming the file, with a non-zero exit code.
 """
 from __future__ import annotations
