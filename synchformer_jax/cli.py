@@ -38,12 +38,12 @@ def _count(tree: Any) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from flax import traverse_util
 
-    from synchformer_jax import checkpoint, export
+    from synchformer_jax import export, pretrained
     from synchformer_jax.models import convert_torch
 
     src = pathlib.Path(args.source)
     modules = args.modules.split(",") if args.modules else None
-    loaded = checkpoint.load_model(src, overrides=_parse_overrides(args.set), modules=modules)
+    loaded = pretrained.load_model(src, overrides=_parse_overrides(args.set), modules=modules)
     print(f"loaded {src}: kind={loaded.config.kind} head={loaded.config.sync.head} "
           f"segments={loaded.config.n_segments} params={_count(loaded.params):,}")
     for note in loaded.notes:
@@ -61,9 +61,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     print(f"round trip flax -> torch -> flax: exact ({len(state_dict)} official tensors)")
 
     if args.out:
-        provenance = {"source": str(src), "source_sha256": checkpoint.sha256_of(src) if src.is_file() else None,
+        provenance = {"source": str(src), "source_sha256": pretrained.sha256_of(src) if src.is_file() else None,
                       "notes": loaded.notes, "modules": modules}
-        out = checkpoint.save_model(args.out, loaded.params, loaded.config, passthrough=loaded.passthrough,
+        out = pretrained.save_model(args.out, loaded.params, loaded.config, passthrough=loaded.passthrough,
                                     provenance=provenance, overwrite=args.overwrite)
         print(f"wrote model folder {out}")
     if args.torch_out:
@@ -75,9 +75,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from synchformer_jax import checkpoint
+    from synchformer_jax import pretrained
 
-    loaded = checkpoint.load_model(args.source, overrides=_parse_overrides(args.set))
+    loaded = pretrained.load_model(args.source, overrides=_parse_overrides(args.set))
     print(json.dumps({"config": loaded.config.to_dict(), "params": _count(loaded.params),
                       "notes": loaded.notes}, indent=1))
     return 0
@@ -178,14 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from synchformer_jax import checkpoint, torch_pickle
+    from synchformer_jax import pretrained, torch_pickle
     from synchformer_jax.models import convert_torch
 
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
     except (torch_pickle.TorchFileError, torch_pickle.UnsafePickleError, convert_torch.ConversionError,
-            checkpoint.CheckpointError) as e:
+            pretrained.CheckpointError) as e:
         message = str(e)
         source = str(getattr(args, "source", ""))
         if source and source not in message:

@@ -12,7 +12,7 @@ import pytest
 from flax import traverse_util
 from safetensors.numpy import load_file
 
-from synchformer_jax import checkpoint, cli
+from synchformer_jax import cli, pretrained
 from synchformer_jax.models import convert_torch as ct
 from synchformer_jax.models import synchformer as sf
 from synchformer_jax.models.config import tiny_config
@@ -37,14 +37,14 @@ def test_convert_reference_checkpoint_both_ways(reference_path, tmp_path, capsys
         np.testing.assert_array_equal(back[key], original[key], err_msg=key)
 
     # The folder loads with its config and gives the official logits.
-    loaded = checkpoint.load_model(tmp_path / "model")
+    loaded = pretrained.load_model(tmp_path / "model")
     assert loaded.config == ct.infer_config(original, overrides=rd.head_overrides(reference_path))
     case = np.load(rd.case_files(reference_path)[0])
     video = rd.video_input(reference_path, case, rd.constants(reference_path)["rgb_u8_to_model_input_lut"])
     logits = jax.jit(sf.Synchformer(loaded.config).apply)({"params": loaded.params}, video, case["audio_input"])
     np.testing.assert_allclose(logits, case["logits"], atol=1e-4)
     # ... and the exported safetensors carries its config: no overrides needed to read it.
-    again = checkpoint.load_model(tmp_path / "back.safetensors")
+    again = pretrained.load_model(tmp_path / "back.safetensors")
     assert again.config == loaded.config
 
 
@@ -62,7 +62,7 @@ def test_convert_torch_pickle_checkpoint(tmp_path):
     rc = cli.main(["convert", str(path), "--out", str(out), "--set", "video.num_heads=4",
                    "--set", "audio.num_heads=4"])
     assert rc == 0
-    loaded = checkpoint.load_model(out)
+    loaded = pretrained.load_model(out)
     assert loaded.config == config
     for k, v in traverse_util.flatten_dict(loaded.params).items():
         np.testing.assert_array_equal(v, traverse_util.flatten_dict(params)[k])
@@ -97,5 +97,5 @@ def test_bad_inputs_exit_nonzero_with_one_line_naming_the_file(tmp_path):
 def test_unknown_override_is_an_error(reference_path):
     src = rd.require(reference_path / "model.safetensors")
     with pytest.raises((TypeError, ValueError)):
-        checkpoint.load_model(src, overrides={"video.num_heads": 4, "audio.num_heads": 4, "sync.n_head": 4,
+        pretrained.load_model(src, overrides={"video.num_heads": 4, "audio.num_heads": 4, "sync.n_head": 4,
                                               "video.no_such_field": 1})

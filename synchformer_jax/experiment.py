@@ -1,0 +1,106 @@
+"""The experiment configuration: every field with its default, in code.
+
+Files in `configs/` start from `default_config(stage)` and change only what differs;
+any field can then be overridden from the command line (`--config.optim.lr=1e-4`).
+The model part mirrors `ModelConfig` field by field, so that overrides such as
+`--config.model.sync.n_layer=2` reach the architecture.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from synchformer_jax.models.config import (HEAD_OFFSET, HEAD_SYNCHRONIZABILITY, KIND_AVCLIP, KIND_SYNC,
+                                           ModelConfig)
+
+STAGE_AVCLIP = "segment_avclip"  # stage I
+STAGE_SYNC = "sync"  # stage II
+STAGE_SYNCHRONIZABILITY = "synchronizability"  # stage III
+STAGES = (STAGE_AVCLIP, STAGE_SYNC, STAGE_SYNCHRONIZABILITY)
+
+
+def model_config_for_stage(stage: str, base: ModelConfig | None = None) -> ModelConfig:
+    base = base or ModelConfig()
+    if stage == STAGE_AVCLIP:
+        return base.replace(kind=KIND_AVCLIP)
+    if stage == STAGE_SYNC:
+        return base.replace(kind=KIND_SYNC, **{"sync.head": HEAD_OFFSET})
+    if stage == STAGE_SYNCHRONIZABILITY:
+        return base.replace(kind=KIND_SYNC, n_segments=13, **{"sync.head": HEAD_SYNCHRONIZABILITY})
+    raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+
+
+def default_config(stage: str = STAGE_SYNC) -> ml_collections.ConfigDict:
+    """Official recipe of `stage` (spec §5) at full size, on synthetic data by default."""
+    c = ml_collections.ConfigDict()
+    c.stage = stage
+    c.seed = 1337
+    c.model = model_config_for_stage(stage).to_dict()
+    # Where parameters start: a model folder, an official .pt/.safetensors, or a
+    # training workdir of an earlier stage. Stage II takes the extractors from it;
+    # stage III the whole sync model (table truncated to 13 segments).
+    c.init_from = ""
+    c.init_overrides = ml_collections.ConfigDict()  # e.g. head counts of unofficial widths
+
+    c.data = ml_collections.ConfigDict()
+    c.data.format = "array_record"  # or "tfrecord"
+    c.data.train_shards = ""  # glob or comma-separated paths; empty: the synthetic set
+    c.data.eval_shards = ""
+    c.data.synthetic_dir = ""  # where the synthetic set is made (default: <workdir>/synthetic)
+    c.data.synthetic_train = 256
+    c.data.synthetic_eval = 64
+    c.data.synthetic_seed = 0
+    c.data.batch_size = 16 if stage != STAGE_AVCLIP else 2  # global batch (per device x devices)
+    c.data.eval_batch_size = 16
+    c.data.eval_rounds = 1  # repeated random-offset rounds (LRS3 2, VGGSound-Sparse 25)
+    c.data.fixed_offsets = True  # evaluation uses record labels' fixed offsets when present
+    c.data.read_threads = 2
+    c.data.num_workers = 0
+    c.data.augment = stage == STAGE_AVCLIP  # the official stage-I augmentations
+    c.data.max_off_sec = 2.0
+
+    c.optim = ml_collections.ConfigDict()
+    if stage == STAGE_AVCLIP:
+        c.optim.name = "adamw"
+        c.optim.lr = 1e-4  # not scaled with the number of devices (official)
+        c.optim.lr_per_device = False
+        c.optim.eps = 1e-8
+        c.optim.schedule = "cosine"
+        c.optim.warmup_steps = 1000
+        c.optim.warmup_divided_by_devices = True  # official: warm-up // world size
+    else:
+        c.optim.name = "adam"
+        c.optim.lr = 2e-6  # per device: official lr = 2e-6 x world size
+        c.optim.lr_per_device = True
+        c.optim.eps = 1e-7  # official value (chosen there because of fp16)
+        c.optim.schedule = "constant"
+        c.optim.warmup_steps = 1000  # linear from lr/100 to lr
+        c.optim.warmup_divided_by_devices = False
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.weight_decay = 0.0
+    c.optim.clip_norm = 1.0
+    # Parameters (regex on "/"-joined paths) that receive no update and hold no optimizer
+    # state: stage II/III train only the projections and the sync transformer.
+    c.optim.frozen = "" if stage == STAGE_AVCLIP else r"^(vfeat_extractor|afeat_extractor)/"
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = 100_000
+    c.train.log_every = 50
+    c.train.eval_every = 1000
+    c.train.eval_max_batches = 0  # 0: the whole evaluation set
+    c.train.checkpoint_every = 1000
+    c.train.keep_checkpoints = 3
+    c.train.best_metric = "precision" if stage == STAGE_AVCLIP else "accuracy_1"
+    c.train.negatives = "device"  # stage I InfoNCE pool: "device" (official) or "global"
+    c.train.compute_dtype = "bfloat16"  # model compute; params float32
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all remaining devices
+    c.mesh.fsdp = 1  # >1 shards parameters and optimizer state (stage I)
+    return c
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    """The architecture a config describes, with the training compute dtype."""
+    model = ModelConfig.from_dict(config.model.to_dict())
+    return model.replace(dtype=config.train.compute_dtype)

@@ -1,0 +1,127 @@
+"""Pretrained models: a folder with orbax params, the model config and provenance.
+
+Layout of a converted (or exported) model folder:
+  params/               orbax StandardCheckpointer tree of float32 Flax params
+  model_config.json     `ModelConfig.to_dict()`
+  passthrough.safetensors  official tensors without a Flax counterpart (optional)
+  conversion.json       where it came from and what the conversion did (optional)
+
+`load_model` also takes official files directly (`.pt`, `.pth`, `.safetensors`) and
+converts them in memory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+from typing import Any, Iterable, Mapping, Optional
+
+import jax
+import numpy as np
+
+from synchformer_jax import torch_pickle
+from synchformer_jax.export import config_from_metadata
+from synchformer_jax.models import convert_torch
+from synchformer_jax.models.config import ModelConfig
+
+CONFIG_FILE = "model_config.json"
+PARAMS_DIR = "params"
+PASSTHROUGH_FILE = "passthrough.safetensors"
+PROVENANCE_FILE = "conversion.json"
+
+
+class CheckpointError(ValueError):
+    """A model folder or file that cannot be loaded; the message names it."""
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    config: ModelConfig
+    params: Any
+    passthrough: dict[str, np.ndarray]
+    notes: list[str]
+
+
+def save_model(directory: str | os.PathLike, params: Any, config: ModelConfig, *,
+               passthrough: Optional[Mapping[str, np.ndarray]] = None,
+               provenance: Optional[Mapping[str, Any]] = None, overwrite: bool = False) -> pathlib.Path:
+    """Write a model folder (see module docstring); an existing one only with `overwrite`."""
+    import shutil
+
+    import orbax.checkpoint as ocp
+
+    directory = pathlib.Path(directory).absolute()
+    if (directory / PARAMS_DIR).exists():
+        if not overwrite:
+            raise CheckpointError(f"{directory} already holds a model; pass overwrite (--overwrite) to replace it")
+        for name in (PARAMS_DIR, CONFIG_FILE, PASSTHROUGH_FILE, PROVENANCE_FILE):
+            target = directory / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    directory.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(directory / PARAMS_DIR, jax.tree.map(np.asarray, params))
+        ckptr.wait_until_finished()
+    (directory / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=1))
+    if passthrough:
+        from safetensors.numpy import save_file
+
+        save_file({k: np.ascontiguousarray(v) for k, v in passthrough.items()}, str(directory / PASSTHROUGH_FILE))
+    if provenance is not None:
+        (directory / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1, default=str))
+    return directory
+
+
+def load_model(path: str | os.PathLike, *, overrides: Optional[Mapping[str, Any]] = None,
+               modules: Optional[Iterable[str]] = None) -> LoadedModel:
+    """Params and config from a model folder or an official checkpoint file.
+
+    `overrides` (dotted `ModelConfig` names) fix sizes a state dict does not store, such
+    as head counts of unofficial widths; `modules` converts only some top-level modules
+    (e.g. `["vfeat_extractor"]` for MMAudio's visual-only file).
+    """
+    path = pathlib.Path(path)
+    if path.is_dir():
+        return _load_folder(path, overrides)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    state_dict, extras = torch_pickle.load_state_dict_file(path)
+    config = config_from_metadata(extras.get("metadata"))
+    overrides = dict(overrides or {})
+    if config is None:
+        config = convert_torch.infer_config(state_dict, embedded=extras.get("args"), overrides=overrides)
+    elif overrides:
+        config = config.replace(**overrides)
+    converted = convert_torch.torch_to_flax(state_dict, config, modules=modules)
+    return LoadedModel(converted.config, converted.params, converted.passthrough, converted.notes)
+
+
+def _load_folder(directory: pathlib.Path, overrides: Optional[Mapping[str, Any]]) -> LoadedModel:
+    import orbax.checkpoint as ocp
+
+    config_path = directory / CONFIG_FILE
+    if not config_path.exists() or not (directory / PARAMS_DIR).exists():
+        raise CheckpointError(f"{directory}: not a model folder (needs {CONFIG_FILE} and {PARAMS_DIR}/)")
+    config = ModelConfig.from_dict(json.loads(config_path.read_text()))
+    if overrides:
+        config = config.replace(**overrides)
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(directory / PARAMS_DIR)
+    passthrough = {}
+    if (directory / PASSTHROUGH_FILE).exists():
+        from safetensors.numpy import load_file
+
+        passthrough = load_file(str(directory / PASSTHROUGH_FILE))
+    return LoadedModel(config, params, passthrough, [])
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

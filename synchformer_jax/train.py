@@ -1,0 +1,363 @@
+"""One trainer for all stages: `train_and_evaluate(config, workdir)`.
+
+The step is jitted over a `Mesh` with `NamedSharding`s (data parallel, or FSDP for the
+parameters and optimizer state), the state is donated, the step's randomness is the run
+seed folded with the step number (a resumed run draws the same numbers), and the loss
+is checked for finiteness. Only the trainable subset is differentiated and carries
+optimizer state. Checkpoints hold the train state, the data iterator state and the
+config; a restart resumes from the latest complete one by itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import pathlib
+import signal
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import traverse_util
+
+from synchformer_jax import experiment, optim, sharding, tasks
+from synchformer_jax.evaluators.offset import OffsetMetrics
+from synchformer_jax.input import device as device_lib
+from synchformer_jax.input import pipeline
+from synchformer_jax.models import convert_torch
+from synchformer_jax.models import synchformer as sf
+
+log = logging.getLogger(__name__)
+Params = Any
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training stopped: the loss became NaN or infinite."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Params  # all parameters, float32
+    opt_state: Any  # over the trainable subset only
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything a training run needs, built once from the config."""
+
+    config: ml_collections.ConfigDict
+    task: tasks.Task
+    mesh: jax.sharding.Mesh
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    state_shardings: Any
+    train_step: Callable
+    predict_step: Callable
+
+
+# ---------------------------------------------------------------- parameters ----------
+def _abstract_state(task: tasks.Task, tx: optax.GradientTransformation, frozen: str) -> TrainState:
+    def init(rng):
+        params = sf.init_params(task.model_config, rng)
+        trainable, _ = optim.split_params(params, frozen)
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(trainable))
+
+    return jax.eval_shape(init, jax.random.key(0))
+
+
+def init_from(params: Params, source: str, config: ml_collections.ConfigDict,
+              model_config) -> tuple[Params, list[str]]:
+    """Overwrite every parameter that `source` has (by official key), keep the rest.
+
+    `source`: a model folder, an official `.pt`/`.safetensors`, or an earlier stage's
+    workdir (its latest checkpoint). Stage-I names (`v_encoder`) map to stage-II names
+    (`vfeat_extractor`); a longer position table is truncated (stage II -> III).
+    """
+    from synchformer_jax import pretrained as model_files
+
+    path = pathlib.Path(source)
+    if (path / "checkpoints").is_dir():
+        src_params, src_config = restore_params(path)
+    else:
+        loaded = model_files.load_model(path, overrides=dict(config.init_overrides))
+        src_params, src_config = loaded.params, loaded.config
+    state_dict = convert_torch.canonical_keys(convert_torch.flax_to_torch(src_params), model_config.kind, [])
+    flat = traverse_util.flatten_dict(params)
+    used, notes = 0, []
+    for p, current in flat.items():
+        key = convert_torch.flax_path_to_torch_key(p)
+        if key not in state_dict:
+            continue
+        value = convert_torch.torch_to_flax_array(key, state_dict[key])
+        if key == "transformer.pos_emb_cfg.pos_emb" and value.shape[1] > current.shape[1]:
+            value = value[:, : current.shape[1]]
+            notes.append(f"truncated the position table to {current.shape[1]} rows")
+        if value.shape != tuple(current.shape):
+            raise ValueError(f"{source}: {key} has shape {value.shape}, the model wants {tuple(current.shape)}")
+        flat[p] = jnp.asarray(value, jnp.float32)
+        used += 1
+    if not used:
+        raise ValueError(f"{source} ({src_config.kind}) shares no parameter with the {model_config.kind} model")
+    notes.insert(0, f"initialised {used} of {len(flat)} tensors from {source}")
+    return traverse_util.unflatten_dict(flat), notes
+
+
+# ---------------------------------------------------------------- steps ---------------
+def build_trainer(config: ml_collections.ConfigDict, mesh: Optional[jax.sharding.Mesh] = None) -> Trainer:
+    mesh = mesh or sharding.mesh_from_config(config.mesh)
+    model_config = experiment.model_config(config)
+    num_devices = mesh.size
+    pools = mesh.size if (config.stage == experiment.STAGE_AVCLIP and config.train.negatives == "device") else 1
+    task = tasks.get_task(config.stage, model_config, pools)
+    schedule = optim.learning_rate(config.optim, num_devices, config.train.num_steps)
+    tx = optim.make_optimizer(config.optim, schedule)
+    frozen = config.optim.frozen
+
+    abstract = _abstract_state(task, tx, frozen)
+    state_shardings = TrainState(sharding.replicated(mesh), sharding.tree_shardings(mesh, abstract.params),
+                                 sharding.tree_shardings(mesh, abstract.opt_state))
+    batch_sharding = sharding.batch_sharding(mesh)
+    repl = sharding.replicated(mesh)
+
+    def step_fn(state: TrainState, batch, rng):
+        step_rng = jax.random.fold_in(rng, state.step)
+        trainable, fixed = optim.split_params(state.params, frozen)
+
+        def loss_of(t):
+            return task.loss_fn(optim.merge_params(t, fixed), batch, step_rng, True)
+
+        (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
+        updates, opt_state = tx.update(grads, state.opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        params = task.constrain(optim.merge_params(trainable, fixed))
+        metrics = dict(metrics, grad_norm=optim.global_norm(grads), param_norm=optim.global_norm(trainable),
+                       learning_rate=schedule(state.step))
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    train_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding, repl),
+                         out_shardings=(state_shardings, repl), donate_argnums=(0,))
+    predict_step = jax.jit(task.predict_fn, in_shardings=(state_shardings.params, batch_sharding))
+    return Trainer(config, task, mesh, tx, schedule, state_shardings, train_step, predict_step)
+
+
+def initial_state(trainer: Trainer, rng: jax.Array) -> tuple[TrainState, list[str]]:
+    config = trainer.config
+    frozen = config.optim.frozen
+    init = jax.jit(lambda r: sf.init_params(trainer.task.model_config, r),
+                   out_shardings=trainer.state_shardings.params)
+    params = init(rng)
+    notes: list[str] = []
+    if config.init_from:
+        params, notes = init_from(jax.device_get(params), config.init_from, config, trainer.task.model_config)
+        params = jax.device_put(params, trainer.state_shardings.params)
+    trainable, _ = optim.split_params(params, frozen)
+    opt_state = jax.jit(trainer.tx.init, out_shardings=trainer.state_shardings.opt_state)(trainable)
+    step = jax.device_put(jnp.zeros((), jnp.int32), trainer.state_shardings.step)
+    return TrainState(step, params, opt_state), notes
+
+
+# ---------------------------------------------------------------- data ----------------
+def _shards(spec: str) -> list[str]:
+    paths: list[str] = []
+    for part in [p for p in spec.split(",") if p]:
+        found = sorted(glob.glob(part))
+        if not found:
+            raise FileNotFoundError(f"no shards match {part!r}")
+        paths.extend(found)
+    return paths
+
+
+def data_paths(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[list[str], list[str]]:
+    """Train/eval shard paths; makes the synthetic set when none are given."""
+    if config.data.train_shards:
+        return _shards(config.data.train_shards), _shards(config.data.eval_shards or config.data.train_shards)
+    from synchformer_jax import synthetic
+    from synchformer_jax.input import shards as shard_lib
+
+    out = pathlib.Path(config.data.synthetic_dir or workdir / "synthetic")
+    marker = out / "done.json"
+    if jax.process_index() == 0 and not marker.exists():
+        synthetic.make_dataset(out, config.data.synthetic_train, config.data.synthetic_eval,
+                               seed=config.data.synthetic_seed, format=config.data.format)
+        marker.write_text(json.dumps({"train": config.data.synthetic_train, "eval": config.data.synthetic_eval}))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("synthetic data ready")
+    return ([str(p) for p in shard_lib.list_shards(out, split="train")],
+            [str(p) for p in shard_lib.list_shards(out, split="eval")])
+
+
+def train_iterator(config, task: tasks.Task, paths: list[str]):
+    per_host = config.data.batch_size // jax.process_count()
+    ds = pipeline.train_dataset(paths, task.example_spec, batch_size=per_host, seed=config.seed,
+                                process_index=jax.process_index(), process_count=jax.process_count(),
+                                num_workers=config.data.num_workers, read_threads=config.data.read_threads,
+                                augment=pipeline.Stage1Augment() if config.data.augment else None)
+    return iter(ds)
+
+
+def eval_batches(config, task: tasks.Task, paths: list[str]) -> Iterator[dict]:
+    spec = dataclasses.replace(task.example_spec, train=False)
+    fixed = "labels" if (config.data.fixed_offsets and task.stage == experiment.STAGE_SYNC) else None
+    per_host = config.data.eval_batch_size // jax.process_count()
+    ds = pipeline.eval_dataset(paths, spec, batch_size=per_host, seed=config.seed, rounds=config.data.eval_rounds,
+                               fixed_offsets=fixed, process_index=jax.process_index(),
+                               process_count=jax.process_count(), read_threads=config.data.read_threads)
+    return iter(ds)
+
+
+# ---------------------------------------------------------------- evaluation ----------
+def evaluate(trainer: Trainer, params: Params, batches: Iterator[dict], max_batches: int = 0) -> dict:
+    from jax.experimental import multihost_utils
+
+    stage = trainer.task.stage
+    if stage == experiment.STAGE_AVCLIP:
+        from synchformer_jax.evaluators.retrieval import RetrievalMetrics
+        metrics = RetrievalMetrics()
+    elif stage == experiment.STAGE_SYNCHRONIZABILITY:
+        from synchformer_jax.evaluators.synchronizability import SynchronizabilityMetrics
+        metrics = SynchronizabilityMetrics()
+    else:
+        metrics = OffsetMetrics(trainer.task.model_config.sync.num_offset_classes)
+    for i, host_batch in enumerate(batches):
+        if max_batches and i >= max_batches:
+            break
+        batch = device_lib.host_to_global(host_batch, trainer.mesh, sharding.BATCH_AXES)
+        out = trainer.predict_step(params, batch)
+        out = multihost_utils.process_allgather(out, tiled=True)
+        mask = np.asarray(multihost_utils.process_allgather(batch["mask"], tiled=True))
+        if stage == experiment.STAGE_AVCLIP:
+            metrics.update(out["video_emb"], out["audio_emb"], mask)
+        else:
+            target = np.asarray(multihost_utils.process_allgather(batch[trainer.task.target_key], tiled=True))
+            metrics.update(np.asarray(out["logits"]), target, mask)
+    return metrics.result()
+
+
+def restore_params(workdir: pathlib.Path) -> tuple[Params, Any]:
+    """Params and model config of the latest checkpoint of a training workdir."""
+    from synchformer_jax import checkpoint
+
+    return checkpoint.restore_params(workdir)
+
+
+# ---------------------------------------------------------------- the loop ------------
+class _Preemption:
+    """SIGTERM/SIGUSR1 (cluster preemption notices) -> save at the next step and stop."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers, no preemption saves
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _scalars(metrics: dict) -> dict:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def _log_line(workdir: pathlib.Path, record: dict) -> None:
+    if jax.process_index() == 0:
+        with open(workdir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+    """Train `config.train.num_steps` steps (resuming from `workdir` if it holds a run),
+    evaluating every `eval_every` steps and at the end. Returns the final metrics."""
+    from synchformer_jax import checkpoint
+
+    workdir = pathlib.Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    trainer = build_trainer(config)
+    train_paths, eval_paths = data_paths(config, workdir)
+    ckpts = checkpoint.RunCheckpoints(workdir, config.train.keep_checkpoints, config.train.best_metric)
+    data_iter = train_iterator(config, trainer.task, train_paths)
+    start = ckpts.latest_step()
+    if start is None:
+        state, notes = initial_state(trainer, jax.random.key(config.seed))
+        for note in notes:
+            log.info(note)
+        start = 0
+    else:
+        abstract = checkpoint.abstract_with_shardings(
+            _abstract_state(trainer.task, trainer.tx, config.optim.frozen), trainer.state_shardings)
+        state, data_state = ckpts.restore(start, abstract)
+        data_iter.set_state(data_state)
+        log.info("resumed from step %d", start)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+
+    rng = jax.random.key(config.seed + 1)
+    preemption = _Preemption()
+    skips = pipeline.SkipReport()
+    step = start
+    final: dict = {}
+    tick, tick_step = time.perf_counter(), step
+    try:
+        while step < config.train.num_steps:
+            host_batch = next(data_iter)
+            skips.update(host_batch)
+            batch = device_lib.host_to_global(host_batch, trainer.mesh, sharding.BATCH_AXES)
+            state, metrics = trainer.train_step(state, batch, rng)
+            step += 1
+            loss = float(metrics["loss"])
+            if not np.isfinite(loss):
+                raise NonFiniteLossError(f"loss became {loss} at step {step}; stopping (last checkpoint: "
+                                         f"{ckpts.latest_step()})")
+            if step % config.train.log_every == 0 or step == config.train.num_steps:
+                now = time.perf_counter()
+                record = {"step": step, "phase": "train", **_scalars(metrics),
+                          "steps_per_sec": (step - tick_step) / max(now - tick, 1e-9),
+                          "examples_per_sec": config.data.batch_size * (step - tick_step) / max(now - tick, 1e-9),
+                          "skipped_records": skips.count}
+                tick, tick_step = now, step
+                _log_line(workdir, record)
+                log.info("step %d: %s", step, {k: round(v, 5) for k, v in record.items() if isinstance(v, float)})
+            evaluate_now = step % config.train.eval_every == 0 or step == config.train.num_steps
+            if evaluate_now:
+                final = evaluate(trainer, state.params, eval_batches(config, trainer.task, eval_paths),
+                                 config.train.eval_max_batches)
+                _log_line(workdir, {"step": step, "phase": "eval", **_json_safe(final)})
+                log.info("eval at step %d: %s", step, {k: v for k, v in final.items() if isinstance(v, float)})
+            if step % config.train.checkpoint_every == 0 or step == config.train.num_steps or preemption.requested:
+                ckpts.save(step, state, data_iter.get_state(), config, force=True)
+                if evaluate_now and config.train.best_metric in final:
+                    ckpts.save_best(step, state, data_iter.get_state(), config,
+                                    {config.train.best_metric: final[config.train.best_metric]})
+            if preemption.requested:
+                log.warning("preemption notice: saved step %d, stopping", step)
+                break
+    finally:
+        ckpts.wait()
+        ckpts.close()
+        preemption.restore()
+    if jax.process_index() == 0 and final:
+        (workdir / "eval_metrics.json").write_text(json.dumps({"step": step, **_json_safe(final)}, indent=1))
+    return final
+
+
+def _json_safe(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, (np.floating, np.integer)):
+            v = v.item()
+        out[k] = v
+    return out
