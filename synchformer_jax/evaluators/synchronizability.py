@@ -147,7 +147,9 @@ class SynchronizabilityMetrics:
             "roc_auc": roc_auc(scores, targets),
             "count": count,
             "num_synchronizable": int(targets.sum()),
-            "roc_curve": {k: v.tolist() for k, v in curve.items()},
+            # Non-finite entries (the +inf first threshold, NaN rates with one class) become
+            # None so that the result stays strict JSON for the metrics log.
+            "roc_curve": {k: [float(x) if np.isfinite(x) else None for x in v] for k, v in curve.items()},
         }
 
     def save_roc_png(self, path: str, title: str = "Synchronizability ROC") -> None:
