@@ -93,6 +93,7 @@ def default_config(stage: str = STAGE_SYNC) -> ml_collections.ConfigDict:
     c.train.best_metric = "precision" if stage == STAGE_AVCLIP else "accuracy_1"
     c.train.negatives = "device"  # stage I InfoNCE pool: "device" (official) or "global"
     c.train.compute_dtype = "bfloat16"  # model compute; params float32
+    c.train.peak_flops_per_device = 0.0  # for MFU in the logs (e.g. ~8e14 bf16 on an H100); 0: not reported
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all remaining devices

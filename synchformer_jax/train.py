@@ -273,10 +273,17 @@ def _scalars(metrics: dict) -> dict:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def _log_line(workdir: pathlib.Path, record: dict) -> None:
-    if jax.process_index() == 0:
-        with open(workdir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+def _compile_step(trainer: Trainer, state: TrainState, batch: dict, rng: jax.Array) -> tuple[Callable, float]:
+    """The train step compiled ahead of time (shapes are fixed), and its FLOPs from XLA's
+    cost analysis for the MFU log (0 where the backend does not report them)."""
+    compiled = trainer.train_step.lower(state, batch, rng).compile()
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        flops = float(cost.get("flops", 0.0))
+    except Exception:  # cost analysis is best-effort on some backends
+        flops = 0.0
+    return compiled, flops
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
@@ -305,7 +312,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
 
+    from synchformer_jax import metric_writers
+
+    writer = metric_writers.create_default_writer(workdir)
     rng = jax.random.key(config.seed + 1)
+    flops_per_step = None
+    peak = float(config.train.get("peak_flops_per_device", 0.0)) * trainer.mesh.size
     preemption = _Preemption()
     skips = pipeline.SkipReport()
     step = start
@@ -316,7 +328,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             host_batch = next(data_iter)
             skips.update(host_batch)
             batch = device_lib.host_to_global(host_batch, trainer.mesh, sharding.BATCH_AXES)
-            state, metrics = trainer.train_step(state, batch, rng)
+            if flops_per_step is None:
+                step_fn, flops_per_step = _compile_step(trainer, state, batch, rng)
+            state, metrics = step_fn(state, batch, rng)
             step += 1
             loss = float(metrics["loss"])
             if not np.isfinite(loss):
@@ -324,18 +338,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                                          f"{ckpts.latest_step()})")
             if step % config.train.log_every == 0 or step == config.train.num_steps:
                 now = time.perf_counter()
-                record = {"step": step, "phase": "train", **_scalars(metrics),
+                record = {"phase": "train", **_scalars(metrics),
                           "steps_per_sec": (step - tick_step) / max(now - tick, 1e-9),
                           "examples_per_sec": config.data.batch_size * (step - tick_step) / max(now - tick, 1e-9),
                           "skipped_records": skips.count}
+                if flops_per_step and peak:
+                    record["mfu"] = flops_per_step * record["steps_per_sec"] / peak
                 tick, tick_step = now, step
-                _log_line(workdir, record)
+                writer.write(step, record)
                 log.info("step %d: %s", step, {k: round(v, 5) for k, v in record.items() if isinstance(v, float)})
             evaluate_now = step % config.train.eval_every == 0 or step == config.train.num_steps
             if evaluate_now:
                 final = evaluate(trainer, state.params, eval_batches(config, trainer.task, eval_paths),
                                  config.train.eval_max_batches)
-                _log_line(workdir, {"step": step, "phase": "eval", **_json_safe(final)})
+                writer.write(step, {"phase": "eval", **{k: v for k, v in _json_safe(final).items()
+                                                        if k != "roc_curve"}})
                 log.info("eval at step %d: %s", step, {k: v for k, v in final.items() if isinstance(v, float)})
             if step % config.train.checkpoint_every == 0 or step == config.train.num_steps or preemption.requested:
                 ckpts.save(step, state, data_iter.get_state(), config, force=True)
@@ -346,6 +363,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 log.warning("preemption notice: saved step %d, stopping", step)
                 break
     finally:
+        writer.close()
         ckpts.wait()
         ckpts.close()
         preemption.restore()
