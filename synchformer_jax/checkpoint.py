@@ -74,16 +74,40 @@ def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
 
 
+def _host_device() -> jax.Device:
+    try:
+        return jax.local_devices(backend="cpu")[0]
+    except RuntimeError:  # no CPU backend in this process (JAX_PLATFORMS without cpu)
+        return jax.local_devices()[0]
+
+
+def restore_on_host(workdir: str | pathlib.Path, which: str = CHECKPOINTS,
+                    step: Optional[int] = None) -> tuple[int, Any, Any, dict]:
+    """`(step, train state, data iterator state, config dict)` of a complete step of a run
+    (the latest by default), the state as host numpy.
+
+    Whatever wrote it: the saved shardings name the devices of the writing run (a pod
+    slice, several processes), which this process need not have, so every array is
+    restored onto one local device instead of the saved layout.
+    """
+    directory = pathlib.Path(workdir).absolute() / which
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler()}
+    with ocp.CheckpointManager(directory, item_names=tuple(handlers), item_handlers=handlers) as mngr:
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{directory}: no complete checkpoint")
+        one = jax.sharding.SingleDeviceSharding(_host_device())
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                              mngr.item_metadata(step)["state"])
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
+    return step, jax.device_get(restored.state), restored.data, restored.config
+
+
 def restore_params(workdir: str | pathlib.Path, which: str = CHECKPOINTS) -> tuple[Any, Any]:
     """Params (host numpy) and model config of the latest (or best) step of a run."""
     from synchformer_jax import experiment
 
-    directory = pathlib.Path(workdir).absolute() / which
-    with ocp.CheckpointManager(directory, item_names=("state", "data", "config")) as mngr:
-        step = mngr.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"{directory}: no complete checkpoint")
-        restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                              config=ocp.args.JsonRestore()))
-    config = ml_collections.ConfigDict(restored.config)
-    return restored.state["params"], experiment.model_config(config)
+    _, state, _, config = restore_on_host(workdir, which)
+    return state["params"], experiment.model_config(ml_collections.ConfigDict(config))

@@ -1,6 +1,7 @@
 """`synchformer-jax` command line.
 
-Subcommands: `convert` (official checkpoints <-> model folders), `info`, `prepare`.
+Subcommands: `convert` (official checkpoints <-> model folders), `info`, `prepare`,
+`train` and `eval` (ml_collections configs with `--config.x.y=value` overrides).
 Errors on user input are one line naming the file, with a non-zero exit code.
 """
 from __future__ import annotations
@@ -8,7 +9,10 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import logging
+import os
 import pathlib
+import re
 import sys
 from typing import Any, Optional, Sequence
 
@@ -152,6 +156,247 @@ def _add_prepare_parser(sub) -> None:
     p.set_defaults(fn=cmd_prepare)
 
 
+# ---------------------------------------------------------------- train / eval --------
+# `--config FILE[:ARG]` is an ml_collections config file (`get_config(ARG)`); every other
+# `--config.a.b=value` on the command line overrides one field, type-checked against the
+# field's current value by `ml_collections.config_flags` (a typo is an error naming the
+# field, with a "did you mean"). The absl flags live in a private `FlagValues`, so the
+# other subcommands and library users never see them.
+class ConfigError(ValueError):
+    """A config file or a `--config.*` override that cannot be applied."""
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()):
+    """`configs/sync.py:vggsound` + `["--config.optim.lr=1e-5", ...]` -> locked ConfigDict."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    path = spec.split(":", 1)[0]
+    if not pathlib.Path(path).is_file():
+        raise ConfigError(f"{path}: no such config file")
+    argv = ["synchformer-jax", f"--config={spec}", *overrides]
+    for arg in overrides:
+        if not arg.startswith(("--config.", "-config.")) and arg.startswith("-") and not _is_number(arg):
+            raise ConfigError(f"unknown option {arg.split('=', 1)[0]} (config fields are --config.<field>=VALUE)")
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", default=None, flag_values=fv, lock_config=True, sys_argv=argv)
+    try:
+        fv(argv)
+        return fv.config
+    except (AttributeError, KeyError) as e:  # unknown field: name the whole path, keep the suggestion
+        bad = _unknown_override(spec, overrides)
+        hint = re.search(r"Did you mean [^?]*\?", str(e).replace("\\", ""))
+        raise ConfigError(f"--config.{bad}: no such field in {spec}" + (f" ({hint.group(0)})" if hint else "")) from e
+    except flags.Error as e:
+        message = str(e)
+        if "Error whilst parsing config file" in message:  # keep the config file's own error line
+            message = f"{spec}: " + message.strip().splitlines()[-1]
+        elif "is not supported for overriding" in message:
+            message = (message.split(" is not supported")[0].replace("Type <class 'NoneType'> of field", "field")
+                       + " defaults to None, which cannot be overridden from the command line; "
+                         "set it in a config file")
+        raise ConfigError(message) from e
+    except Exception as e:  # errors raised by the config file itself
+        raise ConfigError(f"{spec}: {type(e).__name__}: {e}") from e
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _unknown_override(spec: str, overrides: Sequence[str]) -> str:
+    """The first `--config.a.b` override whose path the unmodified config lacks."""
+    base = load_config(spec)
+    for arg in overrides:
+        if not arg.lstrip("-").startswith("config."):
+            continue
+        path = arg.lstrip("-").split("=", 1)[0][len("config."):]
+        node = base
+        for part in path.split("."):
+            if not hasattr(node, "keys") or part not in node:
+                return path
+            node = node[part]
+    return "?"
+
+
+def _distributed_reason() -> Optional[str]:
+    """Why this process is one of several (the env the launchers set), or None."""
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return "JAX_COORDINATOR_ADDRESS"
+    if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in os.environ:
+        return "SLURM"
+    if int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+        return "Open MPI"
+    return None
+
+
+def init_distributed(mode: str = "auto") -> None:
+    """`jax.distributed.initialize()` before anything touches a device.
+
+    auto: when the environment names several processes (SLURM with more than one task,
+    Open MPI, or `JAX_COORDINATOR_ADDRESS`); on: always (Cloud TPU pod slices, whose
+    metadata JAX reads itself); off: never. Arguments come from the environment (JAX's
+    cluster detection, `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`,
+    `JAX_LOCAL_DEVICE_IDS`).
+    """
+    import jax
+
+    reason = _distributed_reason() if mode == "auto" else ("--distributed on" if mode == "on" else None)
+    if not reason:
+        return
+    kw = {}
+    if os.environ.get("JAX_NUM_PROCESSES"):
+        kw["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+    if os.environ.get("JAX_PROCESS_ID"):
+        kw["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+    jax.distributed.initialize(**kw)
+    logging.getLogger(__name__).info("jax.distributed: process %d of %d (%s), %d local / %d global devices",
+                                     jax.process_index(), jax.process_count(), reason,
+                                     jax.local_device_count(), jax.device_count())
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # orbax logs every checkpoint phase at INFO through absl.
+    logging.getLogger("absl").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def _json_default(x: Any):
+    if isinstance(x, (np.floating, np.integer, np.bool_)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    _setup_logging(args.verbose)
+    init_distributed(args.distributed)
+    from synchformer_jax import train
+    from synchformer_jax.input import pipeline
+
+    pipeline.mark_absl_flags_parsed()  # grain workers read an absl flag (no app.run here)
+    final = train.train_and_evaluate(config, args.workdir)
+    print(json.dumps({k: v for k, v in final.items() if not isinstance(v, (list, dict))}, default=_json_default))
+    return 0
+
+
+def _apply_split(config, split: str):
+    """`--split test`: the config's `test` group (README protocol) replaces the valid set."""
+    if split == "valid":
+        return config
+    if "test" not in config:
+        raise ConfigError(f"--split test: the config has no `test` group (shards, rounds, fixed_offsets)")
+    with config.unlocked():
+        config.data.eval_shards = config.test.shards
+        config.data.eval_rounds = config.test.rounds
+        config.data.fixed_offsets = config.test.fixed_offsets
+    return config
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    config = _apply_split(load_config(args.config, args.overrides), args.split)
+    _setup_logging(args.verbose)
+    init_distributed(args.distributed)
+    import jax
+
+    from synchformer_jax import checkpoint, train
+    from synchformer_jax.input import pipeline
+
+    pipeline.mark_absl_flags_parsed()
+    workdir = pathlib.Path(args.workdir)
+    trainer = train.build_trainer(config)
+    want = trainer.task.model_config
+    if args.checkpoint in ("best", "latest"):
+        which = checkpoint.BEST if args.checkpoint == "best" else checkpoint.CHECKPOINTS
+        if not (workdir / which).is_dir():
+            raise ConfigError(f"{workdir / which}: no {args.checkpoint} checkpoints (was {workdir} trained?)")
+        params, saved = checkpoint.restore_params(workdir, which)
+        if saved.replace(dtype=want.dtype) != want:
+            raise ConfigError(f"{workdir / which}: the checkpoint's model differs from the config's "
+                              f"(checkpoint {saved.to_dict()}, config {want.to_dict()})")
+        with checkpoint.ocp.CheckpointManager((workdir / which).absolute(),
+                                              item_names=("state", "data", "config")) as mngr:
+            step = mngr.latest_step()
+    else:  # a model folder or an official / converted file: all of the model must be in it
+        from synchformer_jax import pretrained
+
+        loaded = pretrained.load_model(args.checkpoint, overrides=dict(config.init_overrides))
+        if loaded.config.replace(dtype=want.dtype) != want:
+            raise ConfigError(f"{args.checkpoint}: its model ({loaded.config.kind}, head {loaded.config.sync.head}, "
+                              f"{loaded.config.n_segments} segments) differs from the config's")
+        params, step = loaded.params, None
+    params = jax.device_put(params, trainer.state_shardings.params)
+    _, eval_paths = train.data_paths(config, workdir)
+    metrics = train.evaluate(trainer, params, train.eval_batches(config, trainer.task, eval_paths),
+                             config.train.eval_max_batches)
+    record = {"checkpoint": args.checkpoint, "step": step, "split": args.split, "stage": config.stage,
+              "eval_shards": config.data.eval_shards or "synthetic", "eval_rounds": config.data.eval_rounds,
+              "fixed_offsets": config.data.fixed_offsets, "metrics": metrics}
+    name = f"eval_{args.split}_{pathlib.Path(args.checkpoint).name}.json"
+    out = pathlib.Path(args.out) if args.out else workdir / name
+    if jax.process_index() == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=1, default=_json_default))
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float, np.number))}
+        print(json.dumps(scalars, default=_json_default))
+        print(f"wrote {out}")
+    return 0
+
+
+def _add_train_eval_parsers(sub) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", required=True, metavar="FILE[:ARG]",
+                        help="ml_collections config file, e.g. configs/sync.py:vggsound; any field can then be "
+                             "overridden with --config.<field>=VALUE (e.g. --config.optim.lr=1e-5)")
+    common.add_argument("--workdir", required=True, help="run folder: checkpoints, metrics.jsonl, config.json")
+    common.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
+                        help="jax.distributed.initialize(): auto = when SLURM (>1 task), Open MPI or "
+                             "JAX_COORDINATOR_ADDRESS say so; on = always (TPU pod slices)")
+    common.add_argument("--verbose", action="store_true", help="also orbax's per-checkpoint INFO logs")
+
+    p = sub.add_parser("train", parents=[common], help="train a stage from a config (resumes from --workdir)")
+    p.set_defaults(fn=cmd_train, accepts_config_overrides=True)
+
+    p = sub.add_parser("eval", parents=[common], help="evaluate a checkpoint of --workdir; writes metrics JSON")
+    p.add_argument("--checkpoint", default="best",
+                   help="best | latest (of --workdir), or a model folder / official .pt / .safetensors")
+    p.add_argument("--split", choices=("valid", "test"), default="valid",
+                   help="valid: data.eval_shards as in training; test: the config's `test` group "
+                        "(README protocol: random offsets, 2 / 25 rounds)")
+    p.add_argument("--out", help="metrics JSON path (default: WORKDIR/eval_<split>_<checkpoint>.json)")
+    p.set_defaults(fn=cmd_eval, accepts_config_overrides=True)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import logging
+
+    from synchformer_jax import demo
+
+    # Progress lines of the trainer (every `log_every` steps) without library chatter.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("synchformer_jax").setLevel(logging.INFO)
+    results = demo.run_demo(args.workdir, fast=args.fast, config_path=args.config)
+    # The full demo fails (exit 1) when it misses its accuracy targets.
+    return 0 if (args.fast or results["passed"]) else 1
+
+
+def _add_demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="CPU demo: synthetic clips -> stage I -> stage II of a tiny model -> "
+                                    "held-out accuracy table and a model folder (<workdir>/model)")
+    p.add_argument("--workdir", default="workdir/demo",
+                   help="where the data, both runs, results.json and the model go (rerun to resume)")
+    p.add_argument("--fast", action="store_true", help="a few steps per stage: checks the set-up in ~2 minutes "
+                                                        "(accuracy near chance)")
+    p.add_argument("--config", help="demo config file (default: configs/demo.py of the source tree)")
+    p.set_defaults(fn=cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="synchformer-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -174,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_info)
 
     _add_prepare_parser(sub)
+    _add_train_eval_parsers(sub)
+    _add_demo_parser(sub)
     return parser
 
 
@@ -181,9 +428,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from synchformer_jax import pretrained, torch_pickle
     from synchformer_jax.models import convert_torch
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # train/eval pass the `--config.x.y=value` overrides on to ml_collections.
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_config_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     try:
         return args.fn(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (torch_pickle.TorchFileError, torch_pickle.UnsafePickleError, convert_torch.ConversionError,
             pretrained.CheckpointError) as e:
         message = str(e)

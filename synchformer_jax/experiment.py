@@ -49,6 +49,10 @@ def default_config(stage: str = STAGE_SYNC) -> ml_collections.ConfigDict:
     c.data.synthetic_train = 256
     c.data.synthetic_eval = 64
     c.data.synthetic_seed = 0
+    # `synthetic.make_clip` arguments (empty: its defaults, 256 px as the input contract);
+    # e.g. a smaller model input (`model.video.img_size`) wants smaller frames.
+    c.data.synthetic_clip = ml_collections.ConfigDict()
+    c.data.synthetic_workers = 1  # processes rendering/encoding clips (the output does not depend on it)
     c.data.batch_size = 16 if stage != STAGE_AVCLIP else 2  # global batch (per device x devices)
     c.data.eval_batch_size = 16
     c.data.eval_rounds = 1  # repeated random-offset rounds (LRS3 2, VGGSound-Sparse 25)
@@ -92,6 +96,9 @@ def default_config(stage: str = STAGE_SYNC) -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.best_metric = "precision" if stage == STAGE_AVCLIP else "accuracy_1"
     c.train.negatives = "device"  # stage I InfoNCE pool: "device" (official) or "global"
+    # >0: pools of this many clips instead (the official pool is a GPU's 2 clips; this
+    # keeps it on fewer devices with a larger per-device batch).
+    c.train.pool_clips = 0
     c.train.compute_dtype = "bfloat16"  # model compute; params float32
     c.train.peak_flops_per_device = 0.0  # for MFU in the logs (e.g. ~8e14 bf16 on an H100); 0: not reported
 

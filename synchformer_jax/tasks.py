@@ -41,7 +41,9 @@ class Task:
 
     @property
     def example_spec(self) -> pipeline.ExampleSpec:
+        # The crop is the model's input size (224 officially; smaller for CPU demos).
         return pipeline.ExampleSpec(stage=self.stage, n_segments=self.model_config.n_segments,
+                                    crop_size=self.model_config.video.img_size,
                                     grid_size=self.model_config.sync.num_offset_classes,
                                     max_off_sec=self.model_config.sync.max_offset_sec)
 

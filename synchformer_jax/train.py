@@ -115,6 +115,8 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: Optional[jax.sharding
     model_config = experiment.model_config(config)
     num_devices = mesh.size
     pools = mesh.size if (config.stage == experiment.STAGE_AVCLIP and config.train.negatives == "device") else 1
+    if config.stage == experiment.STAGE_AVCLIP and config.train.get("pool_clips", 0):
+        pools = config.data.batch_size // config.train.pool_clips
     task = tasks.get_task(config.stage, model_config, pools)
     schedule = optim.learning_rate(config.optim, num_devices, config.train.num_steps)
     tx = optim.make_optimizer(config.optim, schedule)
@@ -184,9 +186,13 @@ def data_paths(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tupl
     out = pathlib.Path(config.data.synthetic_dir or workdir / "synthetic")
     marker = out / "done.json"
     if jax.process_index() == 0 and not marker.exists():
+        clip = config.data.get("synthetic_clip")
+        clip = clip.to_dict() if clip is not None else {}
         synthetic.make_dataset(out, config.data.synthetic_train, config.data.synthetic_eval,
-                               seed=config.data.synthetic_seed, format=config.data.format)
-        marker.write_text(json.dumps({"train": config.data.synthetic_train, "eval": config.data.synthetic_eval}))
+                               seed=config.data.synthetic_seed, format=config.data.format,
+                               workers=config.data.get("synthetic_workers", 1), **clip)
+        marker.write_text(json.dumps({"train": config.data.synthetic_train, "eval": config.data.synthetic_eval,
+                                      "clip": clip}))
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("synthetic data ready")
@@ -199,8 +205,18 @@ def train_iterator(config, task: tasks.Task, paths: list[str]):
     ds = pipeline.train_dataset(paths, task.example_spec, batch_size=per_host, seed=config.seed,
                                 process_index=jax.process_index(), process_count=jax.process_count(),
                                 num_workers=config.data.num_workers, read_threads=config.data.read_threads,
-                                augment=pipeline.Stage1Augment() if config.data.augment else None)
+                                augment=_stage1_augment(task.example_spec) if config.data.augment else None)
     return iter(ds)
+
+
+def _stage1_augment(spec: pipeline.ExampleSpec) -> pipeline.Stage1Augment:
+    # The augmentation makes the crop itself (the official sometimes-upscale 192 -> 224):
+    # both sizes follow the model's input size, or every clip would be cropped to 224.
+    from synchformer_jax.input import augment as augment_lib
+
+    crop = spec.crop_size
+    return pipeline.Stage1Augment(augment_lib.Stage1AugmentConfig(
+        crop_size=crop, smaller_crop_size=round(crop * 192 / 224)))
 
 
 def eval_batches(config, task: tasks.Task, paths: list[str]) -> Iterator[dict]:
@@ -220,7 +236,10 @@ def evaluate(trainer: Trainer, params: Params, batches: Iterator[dict], max_batc
     stage = trainer.task.stage
     if stage == experiment.STAGE_AVCLIP:
         from synchformer_jax.evaluators.retrieval import RetrievalMetrics
-        metrics = RetrievalMetrics()
+        # Officially windows of 8 of the 14 segments; a model with fewer segments gets
+        # shorter windows, at least two of them (one window would always score 1).
+        segments = trainer.task.model_config.n_segments
+        metrics = RetrievalMetrics(window=min(8, max(1, segments - 1)))
     elif stage == experiment.STAGE_SYNCHRONIZABILITY:
         from synchformer_jax.evaluators.synchronizability import SynchronizabilityMetrics
         metrics = SynchronizabilityMetrics()
@@ -379,3 +398,14 @@ def _json_safe(d: dict) -> dict:
             v = v.item()
         out[k] = v
     return out
+
+
+if __name__ == "__main__":
+    # `python -m synchformer_jax.train --config configs/sync.py:vggsound --workdir DIR
+    # [--config.x=y ...]`: the same as `synchformer-jax train` (config loading, overrides,
+    # multi-host initialisation live in cli.py).
+    import sys
+
+    from synchformer_jax import cli
+
+    sys.exit(cli.main(["train", *sys.argv[1:]]))
