@@ -51,7 +51,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.data.eval_batch_size = 8
     c.data.synthetic_train = 16
     c.data.synthetic_eval = 8
-    c.data.synthetic_size = 72
+    c.data.synthetic_clip = ml_collections.ConfigDict({"height": 72, "width": 72})  # just above the 64-px crop
     c.data.read_threads = 2
 
     # Larger than the official rates: a few steps should visibly move the loss.

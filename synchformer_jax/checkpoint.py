@@ -21,8 +21,13 @@ CHECKPOINTS = "checkpoints"
 BEST = "best"
 
 
-def _options(keep: int, best_metric: Optional[str] = None, best_mode: str = "max"):
-    kw: dict[str, Any] = dict(max_to_keep=keep, enable_async_checkpointing=True, create=True)
+def _options(keep: int, name: str, best_metric: Optional[str] = None, best_mode: str = "max"):
+    # Each manager's multi-process barriers need names of their own: orbax names them by
+    # purpose only, and the latest and best managers finalize their async saves at the
+    # same time, which on several processes fails ("barrier ... is already ongoing").
+    kw: dict[str, Any] = dict(max_to_keep=keep, enable_async_checkpointing=True, create=True,
+                              multiprocessing_options=ocp.options.MultiprocessingOptions(
+                                  barrier_sync_key_prefix=name))
     if best_metric:
         kw.update(best_fn=lambda metrics: float(metrics[best_metric]), best_mode=best_mode)
     return ocp.CheckpointManagerOptions(**kw)
@@ -32,8 +37,9 @@ class RunCheckpoints:
     def __init__(self, workdir: str | pathlib.Path, keep: int = 3, best_metric: str = "", best_mode: str = "max"):
         workdir = pathlib.Path(workdir).absolute()
         names = ("state", "data", "config")
-        self.latest = ocp.CheckpointManager(workdir / CHECKPOINTS, options=_options(keep), item_names=names)
-        self.best = (ocp.CheckpointManager(workdir / BEST, options=_options(1, best_metric, best_mode),
+        self.latest = ocp.CheckpointManager(workdir / CHECKPOINTS, options=_options(keep, CHECKPOINTS),
+                                            item_names=names)
+        self.best = (ocp.CheckpointManager(workdir / BEST, options=_options(1, BEST, best_metric, best_mode),
                                            item_names=names) if best_metric else None)
 
     def latest_step(self) -> Optional[int]:
