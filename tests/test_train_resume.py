@@ -1,0 +1,161 @@
+"""Resume: a run killed with SIGKILL (at a random step, and once in the middle of writing
+a checkpoint) and restarted in the same workdir ends exactly where an uninterrupted run
+ends: the same parameters, optimizer state, data-iterator state and per-step metrics,
+bit for bit on CPU, having seen the same batches. A half-written checkpoint is never
+resumed from. And a non-finite loss stops a run with `NonFiniteLossError`.
+
+Stage II, data parallel on 2 fake CPU devices (2, not 8, only because every checkpoint
+save slices each replicated array once per device): the data pipeline draws a random
+crop, offset, jitter and flip per example, and the sync transformer draws dropout, so a
+resume that lost the iterator position or the step's key would show. The runs are
+subprocesses of `tests/train_driver.py` sharing a persistent compilation cache, so only
+the first one compiles.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import random
+
+import jax
+import numpy as np
+import pytest
+
+from synchformer_jax import checkpoint, experiment, train
+from tests import train_helpers as th
+
+NUM_STEPS = 6
+DEVICES = 2
+KILL_SEED = 20240611  # which step the random kill hits is seeded, so a failure replays
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return th.session_synthetic(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def resume_config(shards, tmp_path_factory):
+    config = th.small_config(experiment.STAGE_SYNC, shards, **{"train.num_steps": NUM_STEPS})
+    return th.write_config(config, tmp_path_factory.mktemp("config") / "sync.json")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("jax_cache")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(resume_config, cache_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    th.run_driver(resume_config, workdir, local_devices=DEVICES, cache_dir=cache_dir,
+                  extra=["--batch-log", str(workdir / "batches.jsonl")])
+    return workdir
+
+
+def _complete_steps(workdir: pathlib.Path) -> list[int]:
+    d = workdir / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+def _latest(workdir: pathlib.Path):
+    ckpts = checkpoint.RunCheckpoints(workdir)
+    try:
+        return ckpts.latest_step()
+    finally:
+        ckpts.close()
+
+
+def _assert_trees_equal(a, b, what: str) -> None:
+    la, lb = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
+    assert [p for p, _ in la] == [p for p, _ in lb], what
+    for (path, x), (_, y) in zip(la, lb):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape, (what, jax.tree_util.keystr(path))
+        assert np.array_equal(x, y), f"{what}: {jax.tree_util.keystr(path)} differs (max {np.abs(x - y).max()})"
+
+
+def test_killed_and_restarted_run_ends_bitwise_like_an_uninterrupted_one(uninterrupted, resume_config, cache_dir,
+                                                                       tmp_path):
+    workdir = tmp_path / "run"
+    batch_log = workdir / "batches.jsonl"
+    common = dict(local_devices=DEVICES, cache_dir=cache_dir, extra=["--batch-log", str(batch_log)])
+
+    # 1. SIGKILL at a random step: as soon as that step's checkpoint is complete, the
+    #    process is somewhere in the next step (or its checkpoint) when the kill lands.
+    kill_at = random.Random(KILL_SEED).randint(1, NUM_STEPS - 3)
+    run = th.Driver(resume_config, workdir, tmp_path / "run1.log", **common)
+    run.wait_for(lambda: (workdir / "checkpoints" / str(kill_at)).is_dir(), what=f"checkpoint {kill_at}")
+    run.kill()
+    assert run.proc.returncode == -9
+    resumed_from = _latest(workdir)
+    assert resumed_from is not None and kill_at <= resumed_from < NUM_STEPS - 1
+
+    # 2. SIGKILL while the checkpoint of step `stall` is being written: the driver holds
+    #    that save just before orbax's commit (all files written, folder still temporary).
+    stall = resumed_from + 2
+    run = th.Driver(resume_config, workdir, tmp_path / "run2.log", local_devices=DEVICES, cache_dir=cache_dir,
+                    extra=common["extra"] + ["--stall-save-at", str(stall)])
+    run.wait_for(lambda: (workdir / f"stalled_save_{stall}").exists(), what=f"the write of checkpoint {stall}")
+    run.kill()
+    partial = [p.name for p in (workdir / "checkpoints").iterdir() if p.name.startswith(f"{stall}.orbax-checkpoint-tmp")]
+    assert partial, "the kill did not land during the write"
+    assert stall not in _complete_steps(workdir)
+    assert _latest(workdir) == stall - 1, "a half-written checkpoint was taken as complete"
+
+    # 3. Restart to the end: it resumes from the step before the half-written one.
+    th.run_driver(resume_config, workdir, **common)
+    log = th.read_batch_log(batch_log)
+    assert len(log[stall]) >= 2  # drawn before the kill and again after the resume
+
+    # Same final train state (params, optimizer state, step) and data-iterator state, bit for bit.
+    step_a, state_a, data_a, _ = checkpoint.restore_on_host(uninterrupted)
+    step_b, state_b, data_b, _ = checkpoint.restore_on_host(workdir)
+    assert step_a == step_b == NUM_STEPS
+    _assert_trees_equal(state_a, state_b, "train state")
+    assert data_a == data_b
+
+    # Same metrics at every step (each record of a step run twice) and the same evaluation.
+    metrics_a, metrics_b = th.read_metrics(uninterrupted, every=True), th.read_metrics(workdir, every=True)
+    assert sorted(metrics_a) == sorted(metrics_b) == list(range(1, NUM_STEPS + 1))
+    assert any(len(recs) > 1 for recs in metrics_b.values())
+    for step, recs in metrics_b.items():
+        (want,) = metrics_a[step]
+        for rec in recs:
+            for k, v in want.items():
+                if k not in th.TIMING_FIELDS:
+                    assert rec[k] == v, f"step {step}: {k} {rec[k]} != {v}"
+    eval_a = json.loads((uninterrupted / "eval_metrics.json").read_text())
+    assert json.loads((workdir / "eval_metrics.json").read_text()) == eval_a
+
+    # Same batches: every step's batch (also each one drawn twice, before a kill and after
+    # the resume) equals the uninterrupted run's.
+    log_a = th.read_batch_log(uninterrupted / "batches.jsonl")
+    assert sorted(log) == sorted(log_a) == list(range(1, NUM_STEPS + 1))
+    for step, entries in log.items():
+        assert len(log_a[step]) == 1
+        for e in entries:
+            assert e == log_a[step][0], f"step {step}: another batch after the resume"
+
+
+def test_non_finite_loss_stops_training(uninterrupted, shards, cache_dir, tmp_path):
+    """A clip whose audio is NaN turns the loss NaN at the step that draws it; the run
+    stops there with `NonFiniteLossError` and leaves no checkpoint of that step.
+
+    The poisoned clip is one the uninterrupted run drew at step 2, so step 1 trains and
+    checkpoints normally first. (Same config as the resume runs apart from the shard
+    paths, so the compiled step comes from the cache.)"""
+    bad_step = 2
+    first_batches = th.read_batch_log(uninterrupted / "batches.jsonl")
+    poisoned = th.poisoned_shards(shards, tmp_path / "poisoned", {first_batches[bad_step][0]["clip_id"][0]})
+    config = th.small_config(experiment.STAGE_SYNC, poisoned, **{"train.num_steps": NUM_STEPS})
+    config_path = th.write_config(config, tmp_path / "poisoned.json")
+    run = th.Driver(config_path, tmp_path / "run", tmp_path / "run.log", local_devices=DEVICES, cache_dir=cache_dir)
+    rc = run.wait()
+    out = run.log_path.read_text()
+    assert rc == th.NON_FINITE_EXIT, out[-4000:]
+    assert f"NonFiniteLossError: loss became nan at step {bad_step}" in out
+    assert _complete_steps(tmp_path / "run") == [bad_step - 1]
+    assert sorted(th.read_metrics(tmp_path / "run")) == [bad_step - 1]  # the NaN step logged nothing
+    _, state, _, _ = checkpoint.restore_on_host(tmp_path / "run")
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
