@@ -1,0 +1,67 @@
+"""The demo end to end on a tiny budget (8 fake CPU devices, see conftest.py).
+
+Stage I for 2 steps -> checkpoint -> `run_demo` with 4 stage-I steps resumes it at step 2
+-> stage II from the stage-I run -> evaluation on held-out clips at fixed offsets ->
+`eval_metrics.json`, `results.json` and a loadable model folder.
+"""
+import json
+
+from synchformer_jax import checkpoint, demo, pretrained, train
+
+# Global batches are multiples of the 8 devices; one block per extractor and one sync
+# layer keep the compiles short. Both stages get the same model overrides (stage II loads
+# the stage-I extractors).
+OVERRIDES = {
+    "data.synthetic_train": 8, "data.synthetic_eval": 8, "data.synthetic_workers": 1,
+    "data.eval_batch_size": 8, "data.read_threads": 1,
+    "model.video.depth": 1, "model.audio.num_layers": 1, "model.sync.n_layer": 1,
+    "train.log_every": 1,
+    "segment_avclip.data.batch_size": 8, "segment_avclip.train.eval_max_batches": 1,
+    "sync.data.batch_size": 8, "sync.train.num_steps": 3, "sync.train.checkpoint_every": 3,
+    "sync.train.eval_every": 3,
+}
+
+
+def _train_steps(workdir):
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [r["step"] for r in map(json.loads, lines) if r["phase"] == "train"]
+
+
+def test_demo_end_to_end_with_resume(tmp_path):
+    stage1 = tmp_path / demo.STAGE1_DIR
+
+    # Stage I alone for 2 steps: a checkpoint at step 2.
+    ov = dict(OVERRIDES, **{"segment_avclip.train.num_steps": 2, "segment_avclip.train.checkpoint_every": 2,
+                            "segment_avclip.train.eval_every": 2})
+    c1, _ = demo.prepare_configs(tmp_path, fast=True, overrides=ov)
+    assert c1.data.batch_size % 8 == 0
+    train.train_and_evaluate(c1, stage1)
+    ckpts = checkpoint.RunCheckpoints(stage1, keep=1)
+    assert ckpts.latest_step() == 2
+    ckpts.close()
+    assert _train_steps(stage1) == [1, 2]
+
+    # The whole demo with 4 stage-I steps: stage I resumes at step 3, then stage II.
+    ov = dict(OVERRIDES, **{"segment_avclip.train.num_steps": 4, "segment_avclip.train.checkpoint_every": 4,
+                            "segment_avclip.train.eval_every": 4})
+    results = demo.run_demo(tmp_path, fast=True, overrides=ov, echo=lambda s: None)
+    assert _train_steps(stage1) == [1, 2, 3, 4]  # continued, not restarted
+    assert _train_steps(tmp_path / demo.STAGE2_DIR) == [1, 2, 3]
+
+    metrics = json.loads((tmp_path / demo.STAGE2_DIR / "eval_metrics.json").read_text())
+    assert metrics["step"] == 3
+    assert metrics["count"] == 8  # every held-out clip once, padding masked out
+    for key in ("accuracy_1", "accuracy_1_tol1", "accuracy_5", "accuracy_5_tol1"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["accuracy_1"] <= metrics["accuracy_1_tol1"] and metrics["accuracy_1"] <= metrics["accuracy_5"]
+    assert len(metrics["per_class_accuracy_1"]) == 21
+
+    assert results["stage2"]["count"] == 8 and results["fast"] and not results["passed"]
+    assert results["timings"]["cpu_sec"] > 0
+    assert (tmp_path / "results.json").exists()
+
+    # The model folder is the final stage-II model: config of the sync kind, params loadable.
+    loaded = pretrained.load_model(tmp_path / demo.MODEL_DIR)
+    assert loaded.config.kind == "sync" and loaded.config.sync.num_offset_classes == 21
+    assert loaded.config.video.img_size == c1.model.video.img_size
+    assert set(loaded.params) >= {"vfeat_extractor", "afeat_extractor", "transformer"}
