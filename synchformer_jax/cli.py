@@ -43,6 +43,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from flax import traverse_util
 
     from synchformer_jax import export, pretrained
+    from synchformer_jax.input.shards import sha256_file
     from synchformer_jax.models import convert_torch
 
     src = pathlib.Path(args.source)
@@ -65,7 +66,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     print(f"round trip flax -> torch -> flax: exact ({len(state_dict)} official tensors)")
 
     if args.out:
-        provenance = {"source": str(src), "source_sha256": pretrained.sha256_of(src) if src.is_file() else None,
+        provenance = {"source": str(src), "source_sha256": sha256_file(src) if src.is_file() else None,
                       "notes": loaded.notes, "modules": modules}
         out = pretrained.save_model(args.out, loaded.params, loaded.config, passthrough=loaded.passthrough,
                                     provenance=provenance, overwrite=args.overwrite)

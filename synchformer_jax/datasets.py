@@ -33,6 +33,8 @@ import tempfile
 import urllib.request
 from typing import Iterable, Optional, Union
 
+from synchformer_jax.input.shards import sha256_file
+
 PathLike = Union[str, os.PathLike]
 
 LIST_FORMATS = ("vggsound", "lrs3", "audioset", "fixed_offsets", "sparse_fixed_offsets")
@@ -347,7 +349,7 @@ def fetch(url: str, dest: PathLike, sha256: str, *, timeout: float = 60.0) -> pa
     expected = sha256.lower().strip()
     if not re.fullmatch(r"[0-9a-f]{64}", expected):
         raise ValueError(f"sha256 {sha256!r} is not 64 hex digits")
-    if dest.is_file() and _sha256(dest) == expected:
+    if dest.is_file() and sha256_file(dest) == expected:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
@@ -364,11 +366,3 @@ def fetch(url: str, dest: PathLike, sha256: str, *, timeout: float = 60.0) -> pa
         if os.path.exists(tmp):
             os.unlink(tmp)
     return dest
-
-
-def _sha256(path: PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

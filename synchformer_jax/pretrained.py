@@ -12,7 +12,6 @@ converts them in memory.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import pathlib
@@ -117,11 +116,3 @@ def _load_folder(directory: pathlib.Path, overrides: Optional[Mapping[str, Any]]
 
         passthrough = load_file(str(directory / PASSTHROUGH_FILE))
     return LoadedModel(config, params, passthrough, [])
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
