@@ -17,6 +17,8 @@ INSTALL_REQUIRES = [
     "av>=14,<21",
     "safetensors>=0.4,<1",
     "tqdm>=4.60",
+    # jax.export serialisation (`synchformer-jax export`) needs it; jax does not require it.
+    "flatbuffers>=24",
 ]
 
 EXTRAS = {

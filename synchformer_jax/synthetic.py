@@ -40,7 +40,7 @@ import numpy as np
 from synchformer_jax import records
 from synchformer_jax.input import shards
 
-__all__ = ["FPS", "SAMPLE_RATE", "make_clip", "encode_mp4", "make_record", "make_dataset"]
+__all__ = ["FPS", "SAMPLE_RATE", "make_clip", "make_clip_with_events", "encode_mp4", "make_record", "make_dataset"]
 
 FPS = 25
 SAMPLE_RATE = 16000
@@ -225,6 +225,46 @@ def make_clip(seed: int, *, duration_sec: float = 10.0, height: int = 256, width
     for f in frames_at:
         kind = str(kinds[int(rng.integers(len(kinds)))])
         sound = str(SOUND_KINDS[int(rng.integers(len(SOUND_KINDS)))])
+        events.append({"time_sec": float(f) / FPS, "frame": int(f), "kind": kind, "sound": sound})
+    frames = _render_video(rng, n_frames, height, width, events)
+    audio = _render_audio(rng, n_samples, events)
+    return frames, audio, events
+
+
+def make_clip_with_events(seed: int, event_times_sec: Sequence[float], *, duration_sec: float = 10.0,
+                          height: int = 256, width: int = 256, kinds: Optional[Sequence[str]] = None,
+                          sounds: Optional[Sequence[str]] = None
+                          ) -> Tuple[np.ndarray, np.ndarray, List[Dict[str, Any]]]:
+    """A clip with exactly the given events, rendered like `make_clip`.
+
+    For controlled checks (one isolated event for evidence attribution) and for cue-free
+    distractors (`event_times_sec=[]`: drifting background, static ball, open blocks,
+    the silent square and background noise, but nothing that ties sound to picture).
+    Times are snapped to the nearest video frame (events sit on the frame grid as in
+    `make_clip`). `kinds` / `sounds` give one entry per event (default: drawn from the
+    seed). Same return value as `make_clip`; its own seed space (never equal to a
+    `make_clip` clip).
+    """
+    rng = np.random.default_rng([0x5F17D, int(seed)])
+    n_frames = int(round(duration_sec * FPS))
+    n_samples = n_frames * (SAMPLE_RATE // FPS)
+    order = np.argsort(np.asarray(event_times_sec, dtype=np.float64), kind="stable")
+    frames_at = [int(round(float(event_times_sec[i]) * FPS)) for i in order]
+    kinds = None if kinds is None else [kinds[i] for i in order] if len(kinds) == len(order) else kinds
+    sounds = None if sounds is None else [sounds[i] for i in order] if len(sounds) == len(order) else sounds
+    if any(not 0 <= f < n_frames for f in frames_at):
+        raise ValueError(f"event times {list(event_times_sec)} must lie inside the {duration_sec} s clip")
+    for name, given, allowed in (("kinds", kinds, EVENT_KINDS), ("sounds", sounds, SOUND_KINDS)):
+        if given is not None:
+            if len(given) != len(frames_at):
+                raise ValueError(f"{name}: one entry per event ({len(frames_at)}), got {len(given)}")
+            bad = [g for g in given if g not in allowed]
+            if bad:
+                raise ValueError(f"{name}: unknown {bad}; choose from {allowed}")
+    events = []
+    for i, f in enumerate(frames_at):
+        kind = str(kinds[i]) if kinds is not None else str(EVENT_KINDS[int(rng.integers(len(EVENT_KINDS)))])
+        sound = str(sounds[i]) if sounds is not None else str(SOUND_KINDS[int(rng.integers(len(SOUND_KINDS)))])
         events.append({"time_sec": float(f) / FPS, "frame": int(f), "kind": kind, "sound": sound})
     frames = _render_video(rng, n_frames, height, width, events)
     audio = _render_audio(rng, n_samples, events)

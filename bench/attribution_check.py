@@ -1,0 +1,42 @@
+"""Evidence attribution on a lone synthetic event: do the scores peak at it in both streams?
+
+    python bench/attribution_check.py workdir/demo/model [--samples 256] [--plot event.png]
+
+Renders a 10 s procedural clip with exactly one event (a flash with an impact sound at
+5.0 s by default), attributes a model's prediction at offset +0.4 s with a cue-free
+synthetic distractor (`synchformer_jax.attribution.isolated_event_check`) and prints
+the report: for each stream the interval holding the event onset, the highest-scoring
+interval, their scores and whether the peak is at the event (-1..+2 intervals). Exit
+status 0 when both streams peak at the event, 1 otherwise. Meant for a demo-trained
+model (`synchformer-jax demo`); a random model gives flat (or NaN) scores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from synchformer_jax.attribution import isolated_event_check
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model", help="model folder (e.g. workdir/demo/model)")
+    p.add_argument("--samples", type=int, default=256, help="masks per stream")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--event-time-sec", type=float, default=5.0)
+    p.add_argument("--kind", default="flash", choices=("flash", "bounce", "collide"))
+    p.add_argument("--sound", default="burst", choices=("burst", "tone", "chirp"))
+    p.add_argument("--offset-sec", type=float, default=0.4)
+    p.add_argument("--plot", help="also write the attribution figure (PNG) here")
+    a = p.parse_args(argv)
+    report = isolated_event_check(a.model, seed=a.seed, event_time_sec=a.event_time_sec, offset_sec=a.offset_sec,
+                                  kind=a.kind, sound=a.sound, num_samples=a.samples, batch_size=a.batch_size,
+                                  plot_path=a.plot)
+    print(json.dumps(report, indent=1))
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
