@@ -1,7 +1,8 @@
 """`synchformer-jax` command line.
 
 Subcommands: `convert` (official checkpoints <-> model folders), `info`, `prepare`,
-`train` and `eval` (ml_collections configs with `--config.x.y=value` overrides).
+`train` and `eval` (ml_collections configs with `--config.x.y=value` overrides), `demo`,
+`predict` (synchformer_jax/predict.py), `attribute` (attribution.py), `export` (serving.py).
 Errors on user input are one line naming the file, with a non-zero exit code.
 """
 from __future__ import annotations
@@ -422,6 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare_parser(sub)
     _add_train_eval_parsers(sub)
     _add_demo_parser(sub)
+    # Each command module builds its own parser (imports stay light until a command runs).
+    from synchformer_jax import attribution, predict, serving
+
+    predict.add_predict_parser(sub)
+    attribution.add_attribute_parser(sub)
+    serving.add_export_parser(sub)
     return parser
 
 
