@@ -256,8 +256,26 @@ def run_jax(args, work: str, video: np.ndarray, audio: np.ndarray, have_torch_we
                      "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
                      "flax": flax.__version__, "numpy": np.__version__},
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        # Matmul rate of this process in the compute dtype (bench/train_step.py), for MFU.
+        "matmul_peak_flops": _measure_peak(args.dtype),
     }
     return result, {"logits": logits, "vfeat": vfeat, "afeat": afeat}
+
+
+def _measure_peak(dtype: str) -> float:
+    sys.path.insert(0, HERE)
+    import train_step
+
+    return train_step.measure_peak_flops(dtype)[0]
+
+
+def model_flops_per_clip() -> float:
+    """Analytic forward FLOPs of one clip of the official-size model (bench/side_by_side.py)."""
+    sys.path.insert(0, HERE)
+    import side_by_side
+    from synchformer_jax.models.config import ModelConfig
+
+    return side_by_side.task_flops(ModelConfig())["infer"]
 
 
 def parity(jax_out, torch_out) -> dict:
@@ -275,10 +293,13 @@ def parity(jax_out, torch_out) -> dict:
     return rep
 
 
-def fmt_table(rows, par) -> str:
-    head = ("| implementation | device | dtype | threads | batch | median s/clip | best s/clip | clips/s | compile s "
+def fmt_table(rows, par, peak=None) -> str:
+    """MFU: analytic model FLOPs per clip / median s per clip / `peak` (the JAX process's
+    measured matmul rate in its compute dtype; the same number for both rows)."""
+    head = ("| implementation | device | dtype | threads | batch | median s/clip | best s/clip | clips/s | MFU | compile s "
             "| CPU util. | peak RSS GiB (fwd / process) | max abs diff logits | vfeat | afeat |")
-    lines = [head, "|" + "---|" * 14]
+    lines = [head, "|" + "---|" * 15]
+    flops = model_flops_per_clip()
     for r in rows:
         is_jax = r["implementation"] == "synchformer-jax"
         diffs = ["ref", "ref", "ref"] if not is_jax else [
@@ -289,8 +310,10 @@ def fmt_table(rows, par) -> str:
         comp = f"{r['compile_s']:.1f}" if r.get("compile_s") is not None else "-"
         best = f"{r['best_s_per_clip']:.2f}" if r.get("best_s_per_clip") is not None else "-"
         util = f"{r['cpu_utilisation']:.2f}" if r.get("cpu_utilisation") is not None else "-"
+        mfu = f"{100 * flops / r['median_s_per_clip'] / peak:.1f}%" if peak else "-"
         lines.append(f"| {r['implementation']} | {r['device']} | {r['dtype']} | {r.get('threads') or '-'} | "
-                     f"{r['batch']} | {r['median_s_per_clip']:.2f} | {best} | {r['clips_per_s']:.4f} | {comp} | {util} | {rss} | "
+                     f"{r['batch']} | {r['median_s_per_clip']:.2f} | {best} | {r['clips_per_s']:.4f} | "
+                     f"{mfu} | {comp} | {util} | {rss} | "
                      + " | ".join(diffs) + " |")
     return "\n".join(lines)
 
@@ -326,7 +349,7 @@ def main(argv=None) -> int:
                 t = np.load(os.path.join(work, "torch_outputs.npz"))
                 par = parity(jax_out, {k: t[k] for k in ("logits", "vfeat", "afeat")})
 
-        table = fmt_table(rows, par)
+        table = fmt_table(rows, par, (jax_res or {}).get("matmul_peak_flops"))
         print()
         print(table if rows else "nothing was run (torch skipped and --no-jax)")
         if par:
