@@ -1,0 +1,177 @@
+"""How long does the stage-II sync transformer sit on its loss plateau?  (issue 4 probe)
+
+The CPU demo's stage II stays at the uniform loss log(21) for thousands of examples.
+This probe separates the two possible causes: features that do not carry the timing,
+or the sync transformer that cannot yet read an offset out of features that do. It
+trains only `vproj`, `aproj` and the GlobalTransformer of a model config (the demo's by
+default) on *oracle* extractor features, cached per clip on the official segment grid
+(video segments every 8 frames, audio segments every 40 ms), so one example costs the
+transformer alone:
+
+* every clip gets irregular events (gap uniform in [--gap-min, --gap-max] s);
+* a video token (2 frames) / audio token (1/6 of a 0.64 s segment) holding an event gets
+  an event vector added to a per-clip background vector plus noise;
+* `--identity` gives every event its own random code, shared by both streams (what an
+  ideal stage I would produce: same moment -> similar features); otherwise one event
+  direction per stream (`--aligned`: the same direction in both streams).
+
+Examples are (clip, video start on the 8-frame grid, offset class) with the offset
+applied on the 40 ms grid, as the fixed-offset evaluation does. The held-out clips give
+Acc@1 and Acc@1 +-1 class. Levers: `--lr`, `--batch`, `--init-scale` (multiplies every
+kernel of the transformer blocks; the official 0.02 init is sized for 768 wide layers),
+`--pos-init time` (the position table starts as sinusoids of each token's time instead
+of N(0, 1)).
+
+    python bench/stage2_plateau.py --steps 3000 --batch 32            # the demo's setting
+    python bench/stage2_plateau.py --steps 3000 --identity --pos-init time --init-scale 5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+
+from synchformer_jax.models import synchformer as sf
+from synchformer_jax.models.config import tiny_config
+
+FPS, RATE = 25, 16000
+V_HOP, A_HOP = 8, 640  # frames / samples between cached segment starts
+SEG_FRAMES, SEG_SAMPLES = 16, 10240
+
+
+def oracle_features(n_clips, dim, gap, identity, aligned, rng, duration_sec=10.0):
+    n_frames = int(duration_sec * FPS)
+    n_v = (n_frames - SEG_FRAMES) // V_HOP + 1
+    n_a = (n_frames * A_HOP - SEG_SAMPLES) // A_HOP + 1
+    u_v = rng.normal(size=dim)
+    u_a = u_v if aligned else rng.normal(size=dim)
+    V = np.zeros((n_clips, n_v, 8, dim), np.float32)
+    A = np.zeros((n_clips, n_a, 6, dim), np.float32)
+    for i in range(n_clips):
+        V[i] = rng.normal(size=dim) + 0.1 * rng.normal(size=(n_v, 8, dim))
+        A[i] = rng.normal(size=dim) + 0.1 * rng.normal(size=(n_a, 6, dim))
+        t = rng.uniform(0.3, gap[1])
+        while t < duration_sec - 0.3:
+            frame = int(round(t * FPS))
+            code = rng.normal(size=dim) if identity else None
+            cv = code if identity else u_v
+            ca = code if identity else u_a
+            for j in range(max(0, (frame - SEG_FRAMES) // V_HOP), min(n_v, frame // V_HOP + 1)):
+                k = (frame - V_HOP * j) // 2
+                if 0 <= k < 8:
+                    V[i, j, k] += cv
+            s = frame * A_HOP
+            for j in range(max(0, (s - SEG_SAMPLES) // A_HOP), min(n_a, s // A_HOP + 1)):
+                k = (s - A_HOP * j) * 6 // SEG_SAMPLES
+                if 0 <= k < 6:
+                    A[i, j, k] += ca
+            t += rng.uniform(*gap)
+    return V, A
+
+
+def time_table(dim, n_seg, rng):
+    """Sinusoids of each token's centre time (OFF and MOD keep N(0, 1) rows)."""
+    tv = np.array([s * 0.32 + (t + 0.5) * 0.08 for s in range(n_seg) for t in range(8)])
+    ta = np.array([s * 0.32 + (t + 0.5) * 0.64 / 6 for s in range(n_seg) for t in range(6)])
+    k = dim // 2
+    freqs = 1.0 / (0.05 * 200.0 ** (np.arange(k) / k))
+
+    def enc(t):
+        return np.concatenate([np.sin(t[:, None] * freqs), np.cos(t[:, None] * freqs)], -1)
+    rows = [rng.normal(size=(1, dim)), enc(tv), rng.normal(size=(1, dim)), enc(ta)]
+    return np.concatenate(rows)[None].astype(np.float32)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--clips", type=int, default=200)
+    p.add_argument("--eval-clips", type=int, default=20)
+    p.add_argument("--gap-min", type=float, default=0.8)
+    p.add_argument("--gap-max", type=float, default=2.0)
+    p.add_argument("--identity", action="store_true")
+    p.add_argument("--aligned", action="store_true")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--init-scale", type=float, default=1.0)
+    p.add_argument("--pos-init", choices=("normal", "time"), default="normal")
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json-out")
+    args = p.parse_args()
+
+    cfg = tiny_config(**{"video.img_size": 64, "dtype": "float32"})
+    model = sf.Synchformer(cfg)
+    rng = np.random.default_rng(args.seed)
+    dim = cfg.video.embed_dim
+    V, A = oracle_features(args.clips + args.eval_clips, dim, (args.gap_min, args.gap_max), args.identity,
+                           args.aligned, rng)
+    params = jax.device_get(sf.init_params(cfg, jax.random.key(args.seed)))
+    flat = traverse_util.flatten_dict(params)
+    for key in flat:
+        if key[0] == "transformer" and "blocks" in key[1] and key[-1] == "kernel":
+            flat[key] = flat[key] * args.init_scale
+    if args.pos_init == "time":
+        flat[("transformer", "pos_emb_cfg", "pos_emb")] = time_table(cfg.sync.n_embd, cfg.n_segments, rng)
+    params = traverse_util.unflatten_dict(flat)
+    frozen = {k: params[k] for k in ("vfeat_extractor", "afeat_extractor")}
+    trained = {k: params[k] for k in ("vproj", "aproj", "transformer")}
+
+    n_seg = cfg.n_segments
+    n_v, n_a = V.shape[1], A.shape[1]
+    grid = np.arange(cfg.sync.num_offset_classes) - cfg.sync.num_offset_classes // 2  # 0.2 s = 5 audio hops
+    pairs = np.array([(k, c) for k in range(n_v - n_seg + 1) for c, g in enumerate(grid)
+                      if 0 <= V_HOP * k + 5 * g and V_HOP * k + 5 * g + V_HOP * (n_seg - 1) < n_a])
+
+    def sample(r, lo, hi, n):
+        clip = r.integers(lo, hi, size=n)
+        k, c = pairs[r.integers(len(pairs), size=n)].T
+        vi = k[:, None] + np.arange(n_seg)
+        ai = V_HOP * k[:, None] + 5 * grid[c][:, None] + V_HOP * np.arange(n_seg)
+        return V[clip[:, None], vi], A[clip[:, None], ai], c
+
+    tx = optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.adam(optax.linear_schedule(args.lr / 100, args.lr, args.warmup), eps=1e-7))
+    opt_state = tx.init(trained)
+
+    def logits_fn(trained, v, a, train, rng=None):
+        return model.apply({"params": {**frozen, **trained}}, v, a, train, method="compare",
+                           rngs={"dropout": rng} if train else {})
+
+    @jax.jit
+    def step(trained, opt_state, v, a, y, rng):
+        def loss(t):
+            lg = logits_fn(t, v, a, True, rng)
+            return optax.softmax_cross_entropy_with_integer_labels(lg, y).mean()
+        value, grads = jax.value_and_grad(loss)(trained)
+        updates, opt_state = tx.update(grads, opt_state, trained)
+        return optax.apply_updates(trained, updates), opt_state, value
+
+    predict = jax.jit(lambda t, v, a: jnp.argmax(logits_fn(t, v, a, False), -1))
+    ve, ae, ye = sample(np.random.default_rng(args.seed + 1), args.clips, args.clips + args.eval_clips, 512)
+    curve, losses, t0 = [], [], time.perf_counter()
+    for s in range(1, args.steps + 1):
+        v, a, y = sample(rng, 0, args.clips, args.batch)
+        trained, opt_state, value = step(trained, opt_state, v, a, y, jax.random.key(s))
+        losses.append(float(value))
+        if s % args.eval_every == 0 or s == args.steps:
+            pred = np.asarray(predict(trained, ve, ae))
+            row = {"step": s, "examples": s * args.batch, "train_loss": float(np.mean(losses[-50:])),
+                   "accuracy_1": float(np.mean(pred == ye)), "accuracy_1_tol1": float(np.mean(abs(pred - ye) <= 1)),
+                   "wall_sec": time.perf_counter() - t0}
+            curve.append(row)
+            print(json.dumps(row), flush=True)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"args": vars(args), "curve": curve}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
