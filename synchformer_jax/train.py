@@ -201,11 +201,23 @@ def data_paths(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tupl
 
 
 def train_iterator(config, task: tasks.Task, paths: list[str]):
+    """Training batches of this host: ArrayRecord (global shuffle) or, with
+    `data.format = "tfrecord"`, streaming TFRecord shards (split between hosts by shard,
+    window-shuffled); both iterators' `get_state` / `set_state` go into the checkpoints."""
+    fmt = config.data.get("format", "array_record")
     per_host = config.data.batch_size // jax.process_count()
-    ds = pipeline.train_dataset(paths, task.example_spec, batch_size=per_host, seed=config.seed,
-                                process_index=jax.process_index(), process_count=jax.process_count(),
-                                num_workers=config.data.num_workers, read_threads=config.data.read_threads,
-                                augment=_stage1_augment(task.example_spec) if config.data.augment else None)
+    augment = _stage1_augment(task.example_spec) if config.data.augment else None
+    if fmt == "tfrecord":
+        ds = pipeline.tfrecord_train_dataset(paths, task.example_spec, batch_size=per_host, seed=config.seed,
+                                             process_index=jax.process_index(), process_count=jax.process_count(),
+                                             num_workers=config.data.num_workers, augment=augment)
+    elif fmt == "array_record":
+        ds = pipeline.train_dataset(paths, task.example_spec, batch_size=per_host, seed=config.seed,
+                                    process_index=jax.process_index(), process_count=jax.process_count(),
+                                    num_workers=config.data.num_workers, read_threads=config.data.read_threads,
+                                    augment=augment)
+    else:
+        raise ValueError(f"data.format must be 'array_record' or 'tfrecord', got {fmt!r}")
     return iter(ds)
 
 
@@ -220,12 +232,18 @@ def _stage1_augment(spec: pipeline.ExampleSpec) -> pipeline.Stage1Augment:
 
 
 def eval_batches(config, task: tasks.Task, paths: list[str]) -> Iterator[dict]:
+    """This host's evaluation batches; the same number on every host, from either format
+    (`pipeline.eval_dataset` / `pipeline.tfrecord_eval_dataset` yield identical batches)."""
+    fmt = config.data.get("format", "array_record")
+    if fmt not in ("array_record", "tfrecord"):
+        raise ValueError(f"data.format must be 'array_record' or 'tfrecord', got {fmt!r}")
+    make = pipeline.tfrecord_eval_dataset if fmt == "tfrecord" else pipeline.eval_dataset
     spec = dataclasses.replace(task.example_spec, train=False)
     fixed = "labels" if (config.data.fixed_offsets and task.stage == experiment.STAGE_SYNC) else None
     per_host = config.data.eval_batch_size // jax.process_count()
-    ds = pipeline.eval_dataset(paths, spec, batch_size=per_host, seed=config.seed, rounds=config.data.eval_rounds,
-                               fixed_offsets=fixed, process_index=jax.process_index(),
-                               process_count=jax.process_count(), read_threads=config.data.read_threads)
+    ds = make(paths, spec, batch_size=per_host, seed=config.seed, rounds=config.data.eval_rounds,
+              fixed_offsets=fixed, process_index=jax.process_index(),
+              process_count=jax.process_count(), read_threads=config.data.read_threads)
     return iter(ds)
 
 

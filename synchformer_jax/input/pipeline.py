@@ -54,6 +54,10 @@ Pipelines:
   `default_rng([seed, r, clip])`), fixed offsets from record labels or a CSV mapping,
   the last batch padded with `mask=False`, and the same number of batches on every host.
 * `tfrecord_train_dataset`: streaming TFRecord shards, interleaved, window-shuffled.
+* `tfrecord_eval_dataset`: `eval_dataset` over TFRecord shards, example for example and
+  batch for batch the same (same per-host split by record index, same draws, same
+  order, same batch count): one pass over the record headers builds a byte-offset index
+  (`sources.TFRecordIndexedSource`), then the ArrayRecord code path runs on it.
 * Stage I (`ExampleSpec(stage="segment_avclip")`): 14 non-overlapping segments; pass
   `augment=Stage1Augment()` for the official per-segment colour / flip / audio
   augmentations (`input.augment`). Stage III: `stage="synchronizability"`.
@@ -84,11 +88,13 @@ import numpy as np
 from synchformer_jax import records
 from synchformer_jax.input import augment as augment_lib
 from synchformer_jax.input import melspec, normalize, transforms
-from synchformer_jax.input.sources import ArrayRecordSource, Broken, TFRecordShardDataset, expand_paths
+from synchformer_jax.input.shards import parse_shard_name
+from synchformer_jax.input.sources import (ArrayRecordSource, Broken, TFRecordIndexedSource, TFRecordShardDataset,
+                                           expand_paths)
 
 __all__ = [
     "STAGES", "SegmentLayout", "ExampleSpec", "decode_video_bytes", "process_record",
-    "collate", "SkipReport", "train_dataset", "eval_dataset", "tfrecord_train_dataset",
+    "collate", "SkipReport", "train_dataset", "eval_dataset", "tfrecord_train_dataset", "tfrecord_eval_dataset",
     "read_fixed_offsets_csv", "assemble_on_device", "Stage1Augment", "mark_absl_flags_parsed",
 ]
 
@@ -537,12 +543,54 @@ def eval_dataset(paths, spec: ExampleSpec, *, batch_size: int, seed: int = 0, ro
     mapping (`read_fixed_offsets_csv`). Every host yields
     `ceil(ceil(rounds * N / process_count) / batch_size)` batches.
     """
+    _check_eval(spec, rounds, process_index, process_count)
+    return _eval_batches(ArrayRecordSource(paths), spec, batch_size=batch_size, seed=seed, rounds=rounds,
+                         fixed_offsets=fixed_offsets, process_index=process_index, process_count=process_count,
+                         num_workers=num_workers, read_threads=read_threads,
+                         prefetch_buffer_size=prefetch_buffer_size, per_worker_buffer=per_worker_buffer)
+
+
+def tfrecord_eval_dataset(paths, spec: ExampleSpec, *, batch_size: int, seed: int = 0, rounds: int = 1,
+                          fixed_offsets: FixedOffsets = None, process_index: int = 0, process_count: int = 1,
+                          num_workers: int = 0, read_threads: int = 4, prefetch_buffer_size: int = 16,
+                          per_worker_buffer: int = 2, verify_crc: bool = True) -> grain.IterDataset:
+    """`eval_dataset` over TFRecord shards: the same batches, in the same order.
+
+    Evaluation needs what a stream alone cannot give: the clip count `N` (every host must
+    run `ceil(ceil(rounds * N / process_count) / batch_size)` batches for the collective
+    eval steps) and a clip number per record (the per-(round, clip) draws). One pass over
+    the record headers (12 bytes read per record, the data skipped; cached per file while
+    its size and mtime hold) gives both, plus each record's byte offset, so that the
+    records are then read exactly like ArrayRecord ones: the host split is by global
+    index (`round * N + clip`, host `p` takes `p::process_count`), every record once per
+    round across hosts, shorter hosts padded with masked batches. Sorted shards, then
+    file order, define the clip numbers, so N and the numbering agree on every host.
+
+    A record with a bad data CRC is a `Broken` slot, skipped and reported in
+    `meta["skipped"]`; damage that ends a shard's framing (corrupt length, truncated
+    tail) takes one `Broken` slot at that shard's end (`sources.TFRecordIndexedSource`).
+    """
+    _check_eval(spec, rounds, process_index, process_count)
+    files = expand_paths(paths)
+    _require_tfrecord(files)
+    return _eval_batches(TFRecordIndexedSource(files, verify=verify_crc), spec, batch_size=batch_size, seed=seed,
+                         rounds=rounds, fixed_offsets=fixed_offsets, process_index=process_index,
+                         process_count=process_count, num_workers=num_workers, read_threads=read_threads,
+                         prefetch_buffer_size=prefetch_buffer_size, per_worker_buffer=per_worker_buffer)
+
+
+def _check_eval(spec: ExampleSpec, rounds: int, process_index: int, process_count: int):
     _check_host(process_index, process_count)
     if spec.train:
         raise ValueError("eval_dataset needs ExampleSpec(train=False)")
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
-    src = ArrayRecordSource(paths)
+
+
+def _eval_batches(src, spec: ExampleSpec, *, batch_size: int, seed: int, rounds: int, fixed_offsets: FixedOffsets,
+                  process_index: int, process_count: int, num_workers: int, read_threads: int,
+                  prefetch_buffer_size: int, per_worker_buffer: int) -> grain.IterDataset:
+    """The evaluation pipeline over a random-access source (`len`, `src[i]`)."""
     total = rounds * len(src)
     ds = grain.MapDataset.range(total).map(_EvalProcess(src, spec, seed, fixed_offsets))
     ds = ds[process_index::process_count]
@@ -552,6 +600,14 @@ def eval_dataset(paths, spec: ExampleSpec, *, batch_size: int, seed: int = 0, ro
     it = _finish(it, batch_fn, batch_size, False, num_workers, per_worker_buffer)
     num_batches = math.ceil(math.ceil(total / process_count) / batch_size)
     return _FixedCount(it, num_batches, collate([pad] * batch_size))
+
+
+def _require_tfrecord(files: Sequence[str]):
+    """A TFRecord reader over shards named as another format would read garbage."""
+    for f in files:
+        info = parse_shard_name(f)
+        if info is not None and info["format"] != "tfrecord":
+            raise ValueError(f"{f} is a {info['format']} shard, not TFRecord (check data.format)")
 
 
 def tfrecord_train_dataset(paths, spec: ExampleSpec, *, batch_size: int, seed: int,
@@ -568,6 +624,7 @@ def tfrecord_train_dataset(paths, spec: ExampleSpec, *, batch_size: int, seed: i
     counter) restores exactly.
     """
     _check_host(process_index, process_count)
+    _require_tfrecord(expand_paths(paths))
     files = expand_paths(paths)[process_index::process_count]
     if len(files) < max(1, num_workers):
         raise ValueError(f"host {process_index} has {len(files)} TFRecord shard(s) for {num_workers} workers;"

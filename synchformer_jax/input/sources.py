@@ -12,6 +12,11 @@ pipeline counts and logs the markers (`pipeline.py`).
   verify the CRCs (its source has a TODO), and a flipped bit in a video would
   otherwise surface as a confusing decode error or, worse, as a slightly wrong clip.
   Its iterator state is the byte offset of the next record, so it resumes exactly.
+* `TFRecordIndexedSource`: random access over TFRecord shards for evaluation, from a
+  byte-offset index that one pass over the record *headers* builds (12 bytes read per
+  record, the data is skipped with a seek; cached per file, size and mtime). Damage that
+  ends a shard's framing (a corrupt length or a truncated tail) takes one slot at the
+  end of that shard and reads as `Broken`, like a damaged record.
 
 TFRecord framing: `u64 length | u32 masked_crc32c(length) | data | u32 masked_crc32c(data)`
 (little-endian); the writers and the (NumPy, ~6 ms per 0.8 MB record) CRC32C live in
@@ -25,13 +30,16 @@ import glob
 import logging
 import os
 import struct
-from typing import List, Sequence, Union
+import threading
+from typing import List, Optional, Sequence, Tuple, Union
 
 import grain
+import numpy as np
 
 from synchformer_jax.input.shards import masked_crc32c
 
-__all__ = ["Broken", "ArrayRecordSource", "TFRecordShardDataset", "expand_paths"]
+__all__ = ["Broken", "ArrayRecordSource", "TFRecordShardDataset", "TFRecordIndexedSource", "tfrecord_index",
+           "expand_paths"]
 
 _log = logging.getLogger(__name__)
 
@@ -199,3 +207,119 @@ class TFRecordShardDataset(grain.IterDataset):
 
     def __str__(self) -> str:
         return f"TFRecordShardDataset({self._path})"
+
+
+# ------------------------------------------------------------- TFRecord, indexed
+
+
+@dataclasses.dataclass(frozen=True)
+class TFRecordIndex:
+    """Where the records of one TFRecord file are: `offsets[i]` is the byte offset of
+    record `i`'s header, `lengths[i]` its data length; `damage` = `(where, error)` when
+    the framing breaks before the end of the file (nothing after it can be found)."""
+    offsets: np.ndarray  # int64 [n]
+    lengths: np.ndarray  # int64 [n]
+    damage: Optional[Tuple[str, str]] = None
+
+    @property
+    def slots(self) -> int:
+        """Records plus one slot for the damage, if any."""
+        return len(self.offsets) + (self.damage is not None)
+
+
+_INDEX_CACHE: dict = {}
+_INDEX_LOCK = threading.Lock()
+
+
+def _build_index(path: str) -> TFRecordIndex:
+    offsets: List[int] = []
+    lengths: List[int] = []
+    damage = None
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        offset = 0
+        while offset < size:
+            where = f"{path}#{len(offsets)} (byte {offset})"
+            f.seek(offset)
+            head = f.read(12)
+            if len(head) < 12:
+                damage = (where, "truncated record header at the end of the file")
+                break
+            (length,) = _U64.unpack_from(head)
+            if masked_crc32c(head[:8]) != _U32.unpack_from(head, 8)[0]:
+                damage = (where, "length CRC mismatch; the rest of the shard is skipped")
+                break
+            if offset + 12 + length + 4 > size:
+                damage = (where, "truncated record at the end of the file")
+                break
+            offsets.append(offset)
+            lengths.append(length)
+            offset += 12 + length + 4
+    return TFRecordIndex(np.asarray(offsets, np.int64), np.asarray(lengths, np.int64), damage)
+
+
+def tfrecord_index(path) -> TFRecordIndex:
+    """The record index of one TFRecord file (one pass over the headers; cached while
+    the file keeps its size and modification time)."""
+    path = os.fspath(path)
+    st = os.stat(path)
+    key = (path, st.st_size, st.st_mtime_ns)
+    with _INDEX_LOCK:
+        hit = _INDEX_CACHE.get(key)
+    if hit is None:
+        hit = _build_index(path)
+        with _INDEX_LOCK:
+            for old in [k for k in _INDEX_CACHE if k[0] == path]:
+                del _INDEX_CACHE[old]  # the file changed: its old index is stale
+            _INDEX_CACHE[key] = hit
+    return hit
+
+
+class TFRecordIndexedSource:
+    """Random-access source over TFRecord shards (for evaluation), like `ArrayRecordSource`:
+    `len`, `source[i]` -> record bytes or `Broken`. Global index = position in the sorted
+    shard list, then in the file; a shard whose framing breaks has one extra slot at its
+    end that reads as `Broken` (so the damage is reported, once per read of that slot).
+
+    Reads open the file, seek and read one record (thread-safe, picklable).
+    `verify=True` checks each record's data CRC.
+    """
+
+    def __init__(self, paths, verify: bool = True):
+        self._paths = expand_paths(paths)
+        self._verify = verify
+        self._index = [tfrecord_index(p) for p in self._paths]
+        self._starts = np.concatenate([[0], np.cumsum([ix.slots for ix in self._index])]).astype(np.int64)
+
+    @property
+    def paths(self) -> List[str]:
+        return list(self._paths)
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, index: int):
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"record {index} outside 0..{len(self) - 1}")
+        shard = int(np.searchsorted(self._starts, index, side="right") - 1)
+        path, ix, local = self._paths[shard], self._index[shard], index - int(self._starts[shard])
+        if local == len(ix.offsets):
+            return Broken(*ix.damage)
+        offset, length = int(ix.offsets[local]), int(ix.lengths[local])
+        where = f"{path}#{local} (byte {offset})"
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset + 12)
+                data = f.read(length)
+                tail = f.read(4)
+        except OSError as exc:
+            return Broken(where, f"{type(exc).__name__}: {exc}")
+        if len(data) < length or len(tail) < 4:
+            return Broken(where, "truncated record (the file changed after it was indexed)")
+        if self._verify and masked_crc32c(data) != _U32.unpack(tail)[0]:
+            return Broken(where, "data CRC mismatch")
+        return data
+
+    def __repr__(self) -> str:
+        return f"TFRecordIndexedSource({len(self._paths)} shards, {len(self)} records)"
