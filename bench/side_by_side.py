@@ -490,12 +490,14 @@ def child_train(spec) -> dict:
         per = max((p0 - fixed) / b0, 1.0)
         pred = int(min(spec["max_batch"], max(1, (0.95 * limit - fixed) // per)))
         search.append({"batch": b0, "planned_bytes": p0, "compile_s": cs0, "how": "plan"})
+        print(f"plan: batch {b0} -> {p0 / GIB:.2f} GiB (compile {cs0:.0f} s); predicted batch {pred}", flush=True)
         del c0
         # Refine with the plan at the prediction (the activations are not exactly linear).
         for _ in range(3):
             c1, cs1 = _abstract_compile(spec, pred)
             p1 = _mem_analysis(c1)["planned_bytes"]
             search.append({"batch": pred, "planned_bytes": p1, "compile_s": cs1, "how": "plan"})
+            print(f"plan: batch {pred} -> {p1 / GIB:.2f} GiB of {limit / GIB:.2f} (compile {cs1:.0f} s)", flush=True)
             del c1
             if p1 <= 0.95 * limit:
                 break
@@ -509,7 +511,9 @@ def child_train(spec) -> dict:
     for b in dict.fromkeys(candidates):
         try:
             trainer, state, gbatch, hb, rng, phases = _trainer_case(spec, b)
+            print(f"batch {b}: state and inputs ready ({phases['init_s']:.0f} s + {phases['inputs_s']:.0f} s)", flush=True)
             compiled, compile_s = _compile_step(trainer, state, gbatch, rng)
+            print(f"batch {b}: compiled in {compile_s:.0f} s", flush=True)
             holder = {"state": state}
             t = time.perf_counter()
             holder["state"], _ = compiled(holder["state"], gbatch, rng)  # first run: cuDNN graphs, autotuning
@@ -712,24 +716,46 @@ def run_child(args, spec: dict, extra_flags: str = "") -> dict:
         return {"error": "skipped: --deadline-s reached", "spec": spec}
     print(f"[jax] {label} ...", flush=True)
     t = time.perf_counter()
-    try:
-        proc = subprocess.run([sys.executable, str(pathlib.Path(__file__).resolve()), "--child", json.dumps(spec)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                              env=child_env(args, extra_flags), timeout=timeout)
-    except subprocess.TimeoutExpired:
-        print(f"[jax] {label}: timed out after {timeout:.0f} s", flush=True)
-        return {"error": f"timed out after {timeout:.0f} s", "spec": spec}
-    res = None
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            res = json.loads(line[len("RESULT "):])
-        elif line.strip():
-            print("   " + line, flush=True)
+    import tempfile
+    import threading
+
+    # The child's stdout is echoed as it comes (with the seconds since the case started),
+    # so that a case stopped at its timeout still shows how far it got.
+    progress: list[str] = []
+    res_box: dict = {}
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, str(pathlib.Path(__file__).resolve()), "--child", json.dumps(spec)],
+                                stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO,
+                                env=child_env(args, extra_flags))
+
+        def pump():
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                if line.startswith("RESULT "):
+                    res_box["res"] = json.loads(line[len("RESULT "):])
+                elif line.strip():
+                    progress.append(f"{time.perf_counter() - t:.0f}s {line}")
+                    print(f"   [{time.perf_counter() - t:5.0f} s] " + line, flush=True)
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            reader.join(timeout=5)
+            print(f"[jax] {label}: timed out after {timeout:.0f} s", flush=True)
+            return {"error": f"timed out after {timeout:.0f} s", "progress": progress[-20:], "spec": spec}
+        reader.join(timeout=30)
+        err.seek(0)
+        stderr = err.read()
+    res = res_box.get("res")
     if res is None:
-        tail = " | ".join(proc.stderr.strip().splitlines()[-4:])
+        tail = " | ".join(stderr.strip().splitlines()[-4:])
         res = {"error": f"exit {proc.returncode}: {tail[-600:]}", "spec": spec}
     elif "error" in res:
-        print("   " + "\n   ".join(proc.stderr.strip().splitlines()[-6:]), flush=True)
+        print("   " + "\n   ".join(stderr.strip().splitlines()[-6:]), flush=True)
     res["xla_flags"] = child_env(args, extra_flags).get("XLA_FLAGS", "")
     msg = res.get("error") or f"step {res.get('step_s', 0):.4g} s, batch {res.get('batch')}"
     print(f"[jax] {label}: {msg} ({time.perf_counter() - t:.0f} s)", flush=True)
@@ -918,14 +944,18 @@ def run_levers(args, report, common, modes, levers, batches):
     others = [k for k in ("xla", "hybrid", "cudnn") if k != args.attention and not
               (args.attention == "auto" and k == "cudnn")]
     if "attention" in levers:
-        for other in others:
-            for mode in [m for m in ("infer", "stage2", "stage1") if m in modes]:
-                b = batches[mode]
-                if mode == "stage1":  # the batch the default run found, for a like-for-like time
-                    b = next((r["batch"] for k, r in report["jax"].items()
-                              if k.startswith("stage1") and ":attention" not in k and r.get("batch")
-                              and not r.get("remat")), b)
-                spec = dict(common, kind=mode, batch=b, attention=other, label=f"{mode}:attention={other}")
+        # Mode outer: the cheap inference / stage-II variants first, the stage-I ones (which
+        # can take minutes each) last, so that a deadline cuts the expensive ones.
+        for mode in [m for m in ("infer", "stage2", "stage1") if m in modes]:
+            for other in others:
+                b, remat = batches[mode], False
+                if mode == "stage1":  # the batch and remat of the default run, for a like-for-like time
+                    ref = next((r for k, r in report["jax"].items()
+                                if k.startswith("stage1") and ":attention" not in k and r.get("batch")), None)
+                    if ref is not None:
+                        b, remat = ref["batch"], bool(ref.get("remat"))
+                spec = dict(common, kind=mode, batch=b, remat=remat, attention=other,
+                            label=f"{mode}:attention={other}")
                 report["jax"][spec["label"]] = run_child(args, spec)
                 write_json(args.json_out, report)
     if "chunk" in levers and "infer" in modes:

@@ -8,6 +8,7 @@ official code: fp16 branch outputs are added to an fp32 residual.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -53,7 +54,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
 
     Goes through `jax.nn.dot_product_attention` (so GPUs get the fused cuDNN kernel)
     unless attention-probability dropout is active, which the fused path cannot do.
-    Softmax runs in float32 on both paths.
+    Odd sequence lengths use cuDNN only when not differentiated (see
+    `_cudnn_forward_xla_grad`). Softmax runs in float32 on both paths.
     """
     if dropout_rate > 0.0 and not deterministic:
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
@@ -63,10 +65,39 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
         return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
     if _use_cudnn(q):
         try:
-            return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+            if q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0:
+                return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+            return _cudnn_forward_xla_grad(q, k, v, scale)
         except (ValueError, NotImplementedError, RuntimeError):
             pass  # a shape/dtype cuDNN does not take: the XLA path below computes the same
     return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
+
+
+# cuDNN's fused attention takes odd sequence lengths (the Motionformer's 9, 197 and 1,569
+# keys) in inference but not in training: with jax 0.11.2 / cuDNN 9.19 on an H100 its
+# training forward rule raised "Unsupported sequence length Q 1, KV 1569" (2026-11-23,
+# docs/benchmarks.md). Without remat that error is raised inside `attention`'s try and
+# the XLA path is taken; under `nn.remat` (jax.checkpoint) the rule runs later, when the
+# checkpointed block is differentiated, outside the try, and the whole stage-I step
+# failed. So odd lengths get this wrapper: the cuDNN kernel when not differentiated
+# (inference and the frozen extractors of stage II keep the kernel measured there) and
+# XLA attention's own forward and backward when differentiated (what the try/except
+# gave stage I without remat).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _cudnn_forward_xla_grad(q, k, v, scale):
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+
+
+def _xla_attention_vjp(q, k, v, scale):
+    return jax.vjp(lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, scale=scale, implementation="xla"), q, k, v)
+
+
+def _cudnn_forward_xla_grad_bwd(scale, vjp_fn, g):
+    return vjp_fn(g)
+
+
+_cudnn_forward_xla_grad.defvjp(_xla_attention_vjp, _cudnn_forward_xla_grad_bwd)
 
 
 def _use_cudnn(q: jax.Array) -> bool:
