@@ -3,7 +3,8 @@
 # clips with fixed offsets. Target on a 2-core CPU: >= 50 % Acc@1 and >= 80 % Acc@1 +-1
 # class (21 classes, chance 4.8 %) within 15 minutes. NOT REACHED YET with this config:
 # measured 3.9 % Acc@1 / 15.6 % +-1 class in 8.7 min wall, 957 CPU s (stage II stays on
-# the official loss plateau at log 21; see the README "Main job" section).
+# the loss plateau at log 21; docs/benchmarks.md "Stage-II plateau" shows with oracle
+# features that the sync transformer's plateau, not the features, is what remains).
 # `--fast` runs a few steps of each stage only (a smoke test; the accuracy stays near chance).
 """Demo configs: `get_config("segment_avclip")` (stage I), `get_config("sync")` (stage II).
 
