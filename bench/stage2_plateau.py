@@ -20,7 +20,7 @@ applied on the 40 ms grid, as the fixed-offset evaluation does. The held-out cli
 Acc@1 and Acc@1 +-1 class. Levers: `--lr`, `--batch`, `--init-scale` (multiplies every
 kernel of the transformer blocks; the official 0.02 init is sized for 768 wide layers),
 `--pos-init time` (the position table starts as sinusoids of each token's time instead
-of N(0, 1)).
+of N(0, 1)), `--sync-width/--sync-layers/--sync-heads` (a larger sync transformer).
 
     python bench/stage2_plateau.py --steps 3000 --batch 32            # the demo's setting
     python bench/stage2_plateau.py --steps 3000 --identity --pos-init time --init-scale 5
@@ -103,11 +103,15 @@ def main():
     p.add_argument("--init-scale", type=float, default=1.0)
     p.add_argument("--pos-init", choices=("normal", "time"), default="normal")
     p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--sync-width", type=int, default=64, help="sync transformer n_embd (demo: 64; official: 768)")
+    p.add_argument("--sync-layers", type=int, default=2, help="sync transformer n_layer (demo: 2; official: 3)")
+    p.add_argument("--sync-heads", type=int, default=4, help="sync transformer n_head (demo: 4; official: 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out")
     args = p.parse_args()
 
-    cfg = tiny_config(**{"video.img_size": 64, "dtype": "float32"})
+    cfg = tiny_config(**{"video.img_size": 64, "dtype": "float32", "sync.n_embd": args.sync_width,
+                         "sync.n_layer": args.sync_layers, "sync.n_head": args.sync_heads})
     model = sf.Synchformer(cfg)
     rng = np.random.default_rng(args.seed)
     dim = cfg.video.embed_dim
