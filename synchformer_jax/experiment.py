@@ -61,6 +61,10 @@ def default_config(stage: str = STAGE_SYNC) -> ml_collections.ConfigDict:
     c.data.num_workers = 0
     c.data.augment = stage == STAGE_AVCLIP  # the official stage-I augmentations
     c.data.max_off_sec = 2.0
+    # Stage II only: a folder built by `feature_cache.build_feature_cache` (frozen-extractor
+    # features on a fixed segment grid, centre crop); training then reads features instead
+    # of clips (evaluation stays on the clips). Empty: train on the clips.
+    c.data.feature_cache = ""
 
     c.optim = ml_collections.ConfigDict()
     if stage == STAGE_AVCLIP:

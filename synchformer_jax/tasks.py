@@ -58,14 +58,27 @@ class Task:
 
     def loss_fn(self, params: Params, batch: Batch, rng: jax.Array, train: bool = True
                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Scalar float32 loss and scalar metrics (averaged over the unmasked examples)."""
-        video, audio = self.model_inputs(batch, train)
+        """Scalar float32 loss and scalar metrics (averaged over the unmasked examples).
+
+        Stage II batches from a feature cache (`vfeat`, `afeat`: the frozen extractors'
+        outputs) skip the extractors: only the projections and the transformer run.
+        """
         rngs = {"dropout": rng}
+        if "vfeat" in batch:
+            if self.stage == STAGE_AVCLIP:
+                raise ValueError("cached features are for stages with frozen extractors, not stage I")
+            logits = self.model.apply({"params": params}, batch["vfeat"], batch["afeat"], train, rngs=rngs,
+                                      method="compare")
+            return self._classification(logits, batch)
+        video, audio = self.model_inputs(batch, train)
         if self.stage == STAGE_AVCLIP:
             v, a, tau = self.model.apply({"params": params}, video, audio, train=train, rngs=rngs)
             loss = losses.segment_infonce(v, a, tau, num_groups=self.negative_pools)
             return loss, {"loss": loss, "temperature": tau}
         logits = self.model.apply({"params": params}, video, audio, train=train, train_extractors=False, rngs=rngs)
+        return self._classification(logits, batch)
+
+    def _classification(self, logits: jax.Array, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
         target = batch[self.target_key]
         mask = batch.get("mask")
         loss = losses.offset_cross_entropy(logits, target, mask)

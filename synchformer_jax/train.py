@@ -206,6 +206,12 @@ def train_iterator(config, task: tasks.Task, paths: list[str]):
     window-shuffled); both iterators' `get_state` / `set_state` go into the checkpoints."""
     fmt = config.data.get("format", "array_record")
     per_host = config.data.batch_size // jax.process_count()
+    if config.data.get("feature_cache", "") and task.stage == experiment.STAGE_SYNC:
+        from synchformer_jax import feature_cache
+
+        return feature_cache.train_iterator(config.data.feature_cache, task.model_config, batch_size=per_host,
+                                            seed=config.seed, process_index=jax.process_index(),
+                                            process_count=jax.process_count())
     augment = _stage1_augment(task.example_spec) if config.data.augment else None
     if fmt == "tfrecord":
         ds = pipeline.tfrecord_train_dataset(paths, task.example_spec, batch_size=per_host, seed=config.seed,

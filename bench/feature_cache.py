@@ -1,0 +1,171 @@
+"""Stage-II feature cache: what it saves and what it costs (CPU numbers).
+
+Cases:
+* step time of the real stage-II train step (`train.build_trainer(config).train_step`,
+  1-device mesh, float32 compute) on a raw host batch (uint8 frame span + waveform:
+  on-device segmenting, log-mel, frozen extractors forward, transformer fwd+bwd, Adam)
+  vs a cached batch (`vfeat`, `afeat` float16: projections + transformer only).
+  `tiny`: `configs/demo.py` stage-II model (64 px) at batch 16; `full`: official sizes
+  at batch 1 (`--full`; on a 2-core CPU the raw full-size step takes minutes).
+* cache build time per 10-s clip (`build_feature_cache`, demo model, 72-px synthetic
+  clips, float16): (time for N clips - time for 1 clip) / (N - 1), so the extractor
+  compile of each build cancels out.
+* bytes per clip (float16): measured record size at tiny size; computed at full size
+  (D = 768, 30 video x 8 tokens + 233 audio x 6 tokens per 10-s clip: the grid of
+  `feature_cache.grid_for(14)`), and the AudioSet-scale total (2 M clips).
+
+    python bench/feature_cache.py [--steps 5] [--clips 4] [--full]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from synchformer_jax import experiment, feature_cache, train  # noqa: E402
+
+
+def _demo_config():
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "configs"))
+    import demo  # noqa: PLC0415
+
+    c = demo.get_config("sync")
+    c.train.compute_dtype = "float32"
+    return c
+
+
+def _full_config(batch: int):
+    c = experiment.default_config("sync")
+    c.data.batch_size = batch
+    c.train.compute_dtype = "float32"  # bfloat16 is emulated (slow) on CPUs
+    return c
+
+
+def _batches(config, rng: np.random.Generator):
+    task = tasks_of(config)
+    lay = task.example_spec.layout
+    mc = task.model_config
+    b, s, img = config.data.batch_size, mc.n_segments, mc.video.img_size
+    raw = {"video": rng.integers(0, 256, (b, lay.video_span, img, img, 3), dtype=np.uint8),
+           "audio": rng.standard_normal((b, lay.audio_span)).astype(np.float32) * 0.1,
+           "offset_target": rng.integers(0, 21, (b,)).astype(np.int32),
+           "mask": np.ones((b,), bool)}
+    cached = {"vfeat": rng.standard_normal((b, s, 8, mc.video.embed_dim)).astype(np.float16),
+              "afeat": rng.standard_normal((b, s, 6, mc.audio.hidden_size)).astype(np.float16),
+              "offset_target": raw["offset_target"]}
+    return raw, cached
+
+
+def tasks_of(config):
+    from synchformer_jax import tasks  # noqa: PLC0415
+
+    return tasks.get_task(config.stage, experiment.model_config(config))
+
+
+def step_times(config, steps: int) -> dict:
+    from synchformer_jax import sharding  # noqa: PLC0415
+    from synchformer_jax.input import device as device_lib  # noqa: PLC0415
+
+    config.mesh.data, config.mesh.fsdp = 1, 1
+    trainer = train.build_trainer(config)
+    mesh = trainer.mesh
+    state, _ = train.initial_state(trainer, jax.random.key(0))
+    rng = jax.random.key(1)
+    out = {}
+    for name, host in zip(("raw", "cached"), _batches(config, np.random.default_rng(0))):
+        batch = device_lib.host_to_global(host, mesh, sharding.BATCH_AXES)
+        t0 = time.perf_counter()
+        step = trainer.train_step.lower(state, batch, rng).compile()
+        compile_s = time.perf_counter() - t0
+        state, m = step(state, batch, rng)  # warm-up
+        jax.block_until_ready(state)
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            state, m = step(state, batch, rng)
+            jax.block_until_ready(state)
+            times.append(time.perf_counter() - t0)
+        out[name] = {"compile_s": compile_s, "step_s": float(np.median(times))}
+        print(f"  {name}: compile {compile_s:.1f} s, step {out[name]['step_s'] * 1e3:.1f} ms "
+              f"(median of {steps})", flush=True)
+    return out
+
+
+def build_times(config, n_clips: int) -> dict:
+    from synchformer_jax import synthetic  # noqa: PLC0415
+    from synchformer_jax.models import synchformer as sf  # noqa: PLC0415
+
+    mc = experiment.model_config(config)
+    params = sf.init_params(mc, jax.random.key(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = pathlib.Path(tmp)
+        made = synthetic.make_dataset(tmp / "clips", n_clips, 0, seed=3, num_shards=1,
+                                      **dict(config.data.synthetic_clip))
+        one = tmp / "one"
+        one.mkdir()
+        from synchformer_jax.input import shards as shard_lib  # noqa: PLC0415
+
+        first = next(iter(shard_lib.iter_records(made["train"])))
+        one_path = one / shard_lib.shard_name("one", "train", "array_record", 0, 1)
+        shard_lib.write_shard(one_path, [first])
+        m1 = feature_cache.build_feature_cache((params, mc), [str(one_path)], tmp / "c1",
+                                               batch_size=64)
+        mn = feature_cache.build_feature_cache((params, mc), made["train"], tmp / "cn", batch_size=64)
+        per_clip = (mn["build_seconds"] - m1["build_seconds"]) / (n_clips - 1)
+        return {"per_clip_s": per_clip, "bytes_per_clip": mn["bytes_per_clip"], "clips": mn["num_clips"],
+                "first_clip_s": m1["build_seconds"]}
+
+
+def full_bytes_per_clip() -> dict:
+    g = feature_cache.grid_for(14)
+    nv, na = g.num_video_entries(250), g.num_audio_entries(160000)
+    per = (nv * 8 + na * 6) * 768 * 2
+    return {"nv": nv, "na": na, "bytes": per, "audioset_tb": per * 2_000_000 / 1e12}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--clips", type=int, default=4)
+    p.add_argument("--full", action="store_true", help="also the full-size batch-1 step (minutes on a CPU)")
+    p.add_argument("--skip-build", action="store_true")
+    p.add_argument("--skip-steps", action="store_true", help="only the build / bytes numbers")
+    a = p.parse_args(argv)
+    print(f"devices: {jax.devices()}, cores: {os.cpu_count()}", flush=True)
+    rows = []
+    if not a.skip_steps:
+        print("tiny (demo, 64 px, batch 16) step:", flush=True)
+        rows.append(("tiny 64px b16", step_times(_demo_config(), a.steps)))
+    if a.full and not a.skip_steps:
+        print("full (official sizes, batch 1) step:", flush=True)
+        rows.append(("full 224px b1", step_times(_full_config(1), max(1, min(a.steps, 2)))))
+    build = None if a.skip_build else build_times(_demo_config(), a.clips)
+    full = full_bytes_per_clip()
+
+    print("\n| model | raw step | cached step | speed-up | compile raw / cached |")
+    print("|---|---|---|---|---|")
+    for name, r in rows:
+        print(f"| {name} | {r['raw']['step_s'] * 1e3:.0f} ms | {r['cached']['step_s'] * 1e3:.1f} ms | "
+              f"{r['raw']['step_s'] / r['cached']['step_s']:.1f}x | "
+              f"{r['raw']['compile_s']:.1f} s / {r['cached']['compile_s']:.1f} s |")
+    print("\n| item | value |")
+    print("|---|---|")
+    if build:
+        print(f"| cache build, demo model, per 10-s clip (72 px, CPU) | {build['per_clip_s'] * 1e3:.0f} ms |")
+        print(f"| bytes per 10-s clip, demo model (D=96, float16), measured | {build['bytes_per_clip'] / 1e3:.1f} kB |")
+    print(f"| entries per 10-s clip (full grid) | {full['nv']} video x 8 tokens, {full['na']} audio x 6 tokens |")
+    print(f"| bytes per 10-s clip, full size (D=768, float16) | {full['bytes'] / 1e6:.2f} MB |")
+    print(f"| AudioSet scale (2 M clips), full size float16 | {full['audioset_tb']:.2f} TB |")
+
+
+if __name__ == "__main__":
+    main()

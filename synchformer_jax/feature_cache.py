@@ -1,0 +1,545 @@
+"""Per-segment feature cache for stage II (frozen extractors in eval mode).
+
+Stage II trains the projections and the sync transformer on top of extractors that are
+frozen *and* in eval mode, so the extractor output of a given segment never changes
+during the stage. This module computes those outputs once per clip, on a fixed grid of
+segments, and serves training batches that are gathers of cached entries.
+
+The grid (derived from `input.transforms`, asserted there, never hard-coded):
+
+* The official eval window is a 5-s crop (`v_crop = 125` frames, `a_crop = 80 000`
+  samples) whose `S` segments are centred: `generate_segments(125, 80000, S)` starts them
+  at frame `v0` (2 for S = 14, 50 for S = 2) and sample `a0 = 640 * v0`, with strides of
+  8 frames / 5 120 samples.
+* Video entries: 16-frame segments starting at frames `p + 8 m` (`p = v0 % 8`).
+  Audio entries: 10 240-sample segments starting at samples `640 * (p + n)`, i.e. one
+  per video frame.
+* A window whose video crop starts at frame `8 g` (on the segment-step grid) with offset
+  class `j` (`o_j = grid[j] * 25` frames, a multiple of 5 since the class step is 0.2 s)
+  has its audio crop at sample `640 * (8 g + o_j)`; its segments are video entries
+  `g + (v0 - p) / 8 + k` and audio entries `8 g + o_j + v0 - p + 8 k`, `k < S`.
+
+Truncations. The cache places audio on exact multiples of 640 samples. The official
+formula `a_start_i = int((v_start_i / 25 + round(offset, 2)) * 16000)` (random branch;
+the fixed branch starts from the requested seconds `v_start_sec` and truncates
+`int(v_start_sec * 25)` too) is evaluated in float64 and can land one sample below
+the exact value: `official_deviation()` enumerates it; over all grid windows of
+clips up to 60 s the deviation is 0 or -1 sample (never more), and the video frame
+index never differs when the window is given in integer frames (the random
+branch). With requested seconds `8 g / 25` the fixed branch can truncate the video
+start to `8 g - 1` (the `2.28 s -> frame 56` quirk); those windows are not cache
+windows. In a 10-s clip 32 of the 297 grid windows (11 %) have the -1-sample audio
+deviation; the cache uses the exact sample (a 1/16000 s difference, far below the
+0.2-s class step and the official ±0.05-s training jitter).
+
+Sampling restrictions vs the official stage-II train transforms (documented, on purpose):
+the cache holds the centre crop only (official training: random crop and horizontal
+flip), video starts on the 8-frame grid only (officially any frame), centred segments
+inside the crop (officially a random segment start in `[0, 125 - v_seq]`), and no
+±0.05 s audio jitter. Evaluation stays on the raw path.
+
+Storage: ArrayRecord shards of per-clip records (`vfeat [Nv, 8, D]`, `afeat [Na, 6, D]`,
+clip id, counts) + `index.npz` (per-clip lengths / counts, in record order) +
+`manifest.json` (grid, crop, dtype, model config, sha256 of the extractor params,
+source shards, bytes per clip, skipped records).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import pathlib
+import struct
+import time
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from synchformer_jax import records
+from synchformer_jax.input import transforms
+
+__all__ = ["CacheGrid", "grid_for", "official_deviation", "encode_entry", "decode_entry",
+           "build_feature_cache", "FeatureCache", "CacheTrainIterator", "train_iterator",
+           "extractor_params_sha256", "MANIFEST", "INDEX"]
+
+_log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+INDEX = "index.npz"
+_MAGIC = b"SFJC"
+_PREFIX = struct.Struct("<4sI")
+FORMAT_VERSION = 1
+
+
+# ------------------------------------------------------------------------------ the grid
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheGrid:
+    """Where the cache entries sit and how a window maps onto them (see the module doc)."""
+    n_segments: int
+    segment_frames: int  # 16
+    segment_samples: int  # 10240
+    samples_per_frame: int  # 640
+    step_frames: int  # 8: the segment stride = the window-start grid
+    v0: int  # first segment's frame inside the 125-frame crop (centred)
+    phase: int  # v0 % step_frames: video entries at phase + step * m, audio at spf * (phase + n)
+    v_crop: int  # 125
+    a_crop: int  # 80000
+    offset_frames: Tuple[int, ...]  # per class, the offset in video frames (multiples of 5)
+
+    @property
+    def video_entry0(self) -> int:
+        """Video entry of the first segment of the window starting at frame 0."""
+        return (self.v0 - self.phase) // self.step_frames
+
+    @property
+    def audio_entry0(self) -> int:
+        return self.v0 - self.phase
+
+    @property
+    def audio_entry_stride(self) -> int:
+        return self.step_frames  # 5120 samples / 640
+
+    def num_video_entries(self, v_len: int) -> int:
+        return max(0, (v_len - self.phase - self.segment_frames) // self.step_frames + 1)
+
+    def num_audio_entries(self, a_len: int) -> int:
+        spf = self.samples_per_frame
+        return max(0, (a_len - spf * self.phase - self.segment_samples) // spf + 1)
+
+    def video_starts(self, nv: int) -> np.ndarray:
+        return self.phase + self.step_frames * np.arange(nv, dtype=np.int64)
+
+    def audio_starts(self, na: int) -> np.ndarray:
+        return self.samples_per_frame * (self.phase + np.arange(na, dtype=np.int64))
+
+    def valid_pairs(self, v_len: int, a_len: int, nv: Optional[int] = None, na: Optional[int] = None) -> np.ndarray:
+        """`[G, K]` bool: window start `8 g` with class `j` fits the clip (official crop
+        bounds, exact audio start >= 0) and all its entries are cached."""
+        nv = self.num_video_entries(v_len) if nv is None else nv
+        na = self.num_audio_entries(a_len) if na is None else na
+        n_g = max(0, (v_len - self.v_crop) // self.step_frames + 1)
+        g = np.arange(n_g, dtype=np.int64)[:, None]
+        o = np.asarray(self.offset_frames, dtype=np.int64)[None]
+        a_frame = self.step_frames * g + o
+        ok = (a_frame >= 0) & (self.samples_per_frame * a_frame + self.a_crop <= a_len)
+        ok &= (self.step_frames * g + self.v_crop <= v_len)
+        ok &= (g + self.video_entry0 + self.n_segments - 1 < nv)
+        ok &= (a_frame + self.audio_entry0 + self.audio_entry_stride * (self.n_segments - 1) < na)
+        return ok
+
+    def window_entries(self, g: int, j: int) -> Tuple[np.ndarray, np.ndarray]:
+        """Video and audio entry indices `[S]` of window (start `8 g`, class `j`)."""
+        k = np.arange(self.n_segments, dtype=np.int64)
+        v = g + self.video_entry0 + k
+        a = self.step_frames * g + self.offset_frames[j] + self.audio_entry0 + self.audio_entry_stride * k
+        return v, a
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def grid_for(n_segments: int, *, segment_frames: int = 16, crop_len_sec: float = 5.0,
+             max_off_sec: float = 2.0, grid_size: int = 21) -> CacheGrid:
+    """The cache grid of stage II with `n_segments`, derived from the transforms code."""
+    v_fps, a_fps = transforms.VIDEO_FPS, transforms.AUDIO_RATE
+    spf = a_fps // v_fps
+    assert spf * v_fps == a_fps, "audio rate must be a multiple of the frame rate"
+    v_crop = transforms.sec2frames(crop_len_sec, v_fps)
+    a_crop = transforms.sec2frames(crop_len_sec, a_fps)
+    seg = transforms.generate_segments(v_crop, a_crop, n_segments=n_segments, segment_size_vframes=segment_frames,
+                                       step_size_seg=0.5, is_start_random=False)
+    v0, a0 = int(seg.v_start_i), int(seg.a_start_i)
+    seg_v = int(seg.v_ranges[0, 1] - seg.v_ranges[0, 0])
+    seg_a = int(seg.a_ranges[0, 1] - seg.a_ranges[0, 0])
+    # The stride, from the transform itself (a 2-segment run when the model has one).
+    seg2 = transforms.generate_segments(v_crop, a_crop, n_segments=max(2, n_segments),
+                                        segment_size_vframes=segment_frames, step_size_seg=0.5,
+                                        is_start_random=False)
+    step_v = int(seg2.v_ranges[1, 0] - seg2.v_ranges[0, 0])
+    step_a = int(seg2.a_ranges[1, 0] - seg2.a_ranges[0, 0])
+    assert a0 == spf * v0, f"centred audio start {a0} is not the video start {v0} in samples"
+    assert step_a == spf * step_v, f"audio stride {step_a} is not the video stride {step_v} in samples"
+    assert a_crop == spf * v_crop, "5-s crops must cover the same frames"
+    grid = transforms.class_grid(max_off_sec, grid_size)
+    offs = []
+    for value in grid.tolist():
+        off = round(value, 2) * v_fps
+        o = int(round(off))
+        assert abs(off - o) < 1e-6, f"offset class {value} s is not a whole number of frames"
+        offs.append(o)
+    return CacheGrid(int(n_segments), seg_v, seg_a, spf, step_v, v0, v0 % step_v, v_crop, a_crop, tuple(offs))
+
+
+def official_deviation(grid: CacheGrid, max_len_sec: float = 60.0, max_off_sec: float = 2.0,
+                       grid_size: int = 21) -> Dict[str, int]:
+    """Official vs cache placement over every grid window (audio start >= 0) of clips up
+    to `max_len_sec`.
+
+    `audio_random`: `int((v_start_i / 25 + round(off, 2)) * 16000) - 640 * (v_start_i + o)`
+    (the random/train branch; `v_start_i` is an integer frame there).
+    `audio_fixed`, `video_fixed`: the fixed-offset branch with `v_start_sec = v_start_i / 25`.
+    Returns min/max of each in samples / frames.
+    """
+    v_fps, a_fps = transforms.VIDEO_FPS, transforms.AUDIO_RATE
+    values = transforms.class_grid(max_off_sec, grid_size).tolist()
+    out = {"audio_random_min": 0, "audio_random_max": 0, "audio_fixed_min": 0, "audio_fixed_max": 0,
+           "video_fixed_min": 0, "video_fixed_max": 0}
+    for vs in range(0, int(max_len_sec * v_fps) + 1, grid.step_frames):
+        sec = vs / v_fps
+        vfix = transforms.sec2frames(sec, v_fps) - vs
+        out["video_fixed_min"] = min(out["video_fixed_min"], vfix)
+        out["video_fixed_max"] = max(out["video_fixed_max"], vfix)
+        for value, o in zip(values, grid.offset_frames):
+            exact = grid.samples_per_frame * (vs + o)
+            if exact < 0:  # not a window (the official clamp only covers > -640)
+                continue
+            d = transforms.sec2frames(sec + round(value, 2), a_fps) - exact
+            out["audio_random_min"] = min(out["audio_random_min"], d)
+            out["audio_random_max"] = max(out["audio_random_max"], d)
+            out["audio_fixed_min"] = min(out["audio_fixed_min"], d)
+            out["audio_fixed_max"] = max(out["audio_fixed_max"], d)
+    return out
+
+
+# --------------------------------------------------------------------------- records
+
+
+def encode_entry(clip_id: str, vfeat: np.ndarray, afeat: np.ndarray, v_len: int, a_len: int) -> bytes:
+    vfeat, afeat = np.ascontiguousarray(vfeat), np.ascontiguousarray(afeat)
+    head = {"clip_id": clip_id, "v_len": int(v_len), "a_len": int(a_len), "nv": int(vfeat.shape[0]),
+            "na": int(afeat.shape[0]), "dtype": vfeat.dtype.str, "vshape": list(vfeat.shape),
+            "ashape": list(afeat.shape)}
+    h = json.dumps(head, separators=(",", ":")).encode()
+    return b"".join([_PREFIX.pack(_MAGIC, len(h)), h, vfeat.tobytes(), afeat.tobytes()])
+
+
+def decode_entry(data: bytes) -> Dict[str, Any]:
+    view = memoryview(data)
+    magic, n = _PREFIX.unpack_from(view)
+    if magic != _MAGIC:
+        raise ValueError(f"not a feature-cache record (magic {bytes(magic)!r})")
+    head = json.loads(bytes(view[_PREFIX.size:_PREFIX.size + n]))
+    dt = np.dtype(head["dtype"])
+    pos = _PREFIX.size + n
+    vsize = int(np.prod(head["vshape"])) * dt.itemsize
+    v = np.frombuffer(view[pos:pos + vsize], dt).reshape(head["vshape"])
+    a = np.frombuffer(view[pos + vsize:], dt).reshape(head["ashape"])
+    return dict(head, vfeat=v, afeat=a)
+
+
+# ----------------------------------------------------------------------------- build
+
+
+def extractor_params_sha256(params) -> str:
+    """sha256 over the float32 bytes of the extractor params (sorted paths)."""
+    from flax import traverse_util
+
+    h = hashlib.sha256()
+    flat = traverse_util.flatten_dict(params)
+    for path in sorted(flat):
+        if path[0] not in ("vfeat_extractor", "afeat_extractor"):
+            continue
+        a = np.asarray(flat[path], dtype=np.float32)
+        h.update("/".join(path).encode())
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _load(model) -> Tuple[Any, Any]:
+    if isinstance(model, (str, os.PathLike)):
+        from synchformer_jax import pretrained
+
+        loaded = pretrained.load_model(model)
+        return loaded.params, loaded.config
+    params, config = model
+    return params, config
+
+
+class _Extractors:
+    """Jitted frozen extractors over fixed-size chunks (one compile per stream)."""
+
+    def __init__(self, params, config, chunk: int):
+        import jax
+        import jax.numpy as jnp
+
+        from synchformer_jax.input import melspec, normalize
+        from synchformer_jax.models import synchformer as sf
+
+        model = sf.build_model(config)
+        self.chunk = int(chunk)
+
+        @jax.jit
+        def video(p, seg_u8):  # [N, 16, H, W, 3] uint8
+            x = jnp.moveaxis(seg_u8, -1, -3)
+            x = normalize.video_uint8_to_model_input(x, half=True, dtype=jnp.float32)
+            # float32 input, as `Task.model_inputs` gives the model (it casts inside).
+            return model.apply({"params": p}, x, method="video_segment_features")
+
+        @jax.jit
+        def audio(p, wav):  # [N, 10240]
+            spec = melspec.log_mel_jax(wav)[:, 0]
+            return model.apply({"params": p}, spec, method="audio_segment_features")
+
+        self.params = params
+        self._video, self._audio = video, audio
+
+    def _run(self, fn, x: np.ndarray, out_dtype) -> np.ndarray:
+        n = x.shape[0]
+        outs = []
+        for i in range(0, n, self.chunk):
+            part = x[i:i + self.chunk]
+            pad = self.chunk - part.shape[0]
+            if pad:
+                part = np.concatenate([part, np.zeros((pad,) + part.shape[1:], part.dtype)])
+            outs.append(np.asarray(fn(self.params, part), dtype=out_dtype)[:self.chunk - pad])
+        return np.concatenate(outs)
+
+    def video(self, seg_u8, out_dtype):
+        return self._run(self._video, seg_u8, out_dtype)
+
+    def audio(self, wav, out_dtype):
+        return self._run(self._audio, wav, out_dtype)
+
+
+def _clip_inputs(rec: records.ClipRecord, grid: CacheGrid, img_size: int):
+    """Decoded record -> (video segments uint8 [Nv,16,h,w,3], audio segments [Na,10240], v_len, a_len)."""
+    import av
+
+    from synchformer_jax.input import pipeline
+
+    if int(rec.fps) != transforms.VIDEO_FPS or int(rec.sample_rate) != transforms.AUDIO_RATE:
+        raise ValueError(f"not at the input contract: {rec.fps} fps, {rec.sample_rate} Hz")
+    n_frames = int(rec.num_frames)
+    if n_frames <= 0:
+        raise ValueError("record does not give num_frames")
+    v_len, a_len = transforms.equalify_from_right(n_frames, int(rec.audio.shape[0]))
+    with av.open(io.BytesIO(rec.video_mp4)) as container:
+        ctx = container.streams.video[0].codec_context
+        top_left = transforms.center_crop_top_left(int(ctx.height), int(ctx.width), img_size)
+        frames = pipeline.decode_video_bytes(b"", start=0, stop_after=v_len - 1, top_left=top_left,
+                                             size=(img_size, img_size), container=container)
+    v_len = min(v_len, frames.shape[0])  # windows past the decodable frames would break the raw path too
+    nv, na = grid.num_video_entries(v_len), grid.num_audio_entries(a_len)
+    if nv < grid.n_segments:
+        raise ValueError(f"clip of {v_len} frames is too short for {grid.n_segments} segments")
+    fidx = grid.video_starts(nv)[:, None] + np.arange(grid.segment_frames)[None]
+    sidx = grid.audio_starts(na)[:, None] + np.arange(grid.segment_samples)[None]
+    audio = np.asarray(rec.audio[:a_len], np.float32)
+    return frames[fidx], audio[sidx], v_len, a_len
+
+
+def build_feature_cache(model, shard_paths, out_dir, *, batch_size: int = 64, dtype=np.float16,
+                        n_segments: Optional[int] = None, max_off_sec: Optional[float] = None) -> dict:
+    """Extract and store the frozen-extractor features of every clip of `shard_paths`.
+
+    `model`: a model folder / official checkpoint path, or `(params, model_config)`.
+    `batch_size`: segments per extractor call. One output shard per input shard.
+    Broken records are skipped and listed in the manifest. Returns the manifest.
+    """
+    from synchformer_jax.input import shards as shard_lib
+    from synchformer_jax.input.sources import ArrayRecordSource, Broken, expand_paths
+
+    params, config = _load(model)
+    n_segments = int(n_segments or config.n_segments)
+    max_off = float(config.sync.max_offset_sec if max_off_sec is None else max_off_sec)
+    grid = grid_for(n_segments, segment_frames=config.video.num_frames, max_off_sec=max_off,
+                    grid_size=config.sync.num_offset_classes)
+    img = int(config.video.img_size)
+    dtype = np.dtype(dtype)
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = expand_paths(shard_paths)
+    ext = _Extractors(params, config, batch_size)
+    index = {"clip_id": [], "v_len": [], "a_len": [], "nv": [], "na": []}
+    skipped: List[str] = []
+    shards_out = []
+    t0 = time.perf_counter()
+    n_bytes = 0
+    for si, path in enumerate(paths):
+        name = shard_lib.shard_name("features", "train", "array_record", si, len(paths))
+        src = ArrayRecordSource([path])
+        with shard_lib.ShardWriter(out_dir / name, "array_record") as writer:
+            for i in range(len(src)):
+                data = src[i]
+                clip = "?"
+                try:
+                    if isinstance(data, Broken):
+                        raise ValueError(data.error)
+                    rec = records.decode(data)
+                    clip = rec.clip_id or "?"
+                    vseg, aseg, v_len, a_len = _clip_inputs(rec, grid, img)
+                    vfeat = ext.video(vseg, dtype)
+                    afeat = ext.audio(aseg, dtype)
+                except Exception as exc:  # noqa: BLE001 - one bad clip must not stop the build
+                    msg = f"{path}#{i} clip {clip!r}: {type(exc).__name__}: {exc}"
+                    _log.warning("feature cache: skipping %s", msg)
+                    skipped.append(msg)
+                    continue
+                payload = encode_entry(rec.clip_id, vfeat, afeat, v_len, a_len)
+                n_bytes += len(payload)
+                writer.write(payload)
+                for k, v in (("clip_id", rec.clip_id), ("v_len", v_len), ("a_len", a_len),
+                             ("nv", vfeat.shape[0]), ("na", afeat.shape[0])):
+                    index[k].append(v)
+            shards_out.append(writer.close())
+    seconds = time.perf_counter() - t0
+    n_clips = len(index["clip_id"])
+    np.savez(out_dir / INDEX, clip_id=np.array(index["clip_id"], dtype=str),
+             **{k: np.array(index[k], np.int64) for k in ("v_len", "a_len", "nv", "na")})
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "grid": grid.to_dict(),
+        "crop": {"kind": "centre", "size": img, "flip": False},
+        "video_normalisation": "official float16 (half=True)",
+        "dtype": dtype.name,
+        "feature_dims": {"video": int(config.video.embed_dim), "audio": int(config.audio.hidden_size)},
+        "model_config": config.to_dict(),
+        "extractor_params_sha256": extractor_params_sha256(params),
+        "source_shards": [str(p) for p in paths],
+        "shards": shards_out,
+        "num_clips": n_clips,
+        "skipped": skipped,
+        "bytes_per_clip": (n_bytes / n_clips) if n_clips else 0.0,
+        "build_seconds": seconds,
+        "official_deviation": official_deviation(grid, max_off_sec=max_off, grid_size=len(grid.offset_frames)),
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+    return manifest
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+class FeatureCache:
+    """Random access to a built cache: `len`, `cache[i]` (decoded entry), the index."""
+
+    def __init__(self, cache_dir, memory_clips: int = 256):
+        from synchformer_jax.input.sources import ArrayRecordSource
+
+        self.dir = pathlib.Path(cache_dir)
+        self.manifest = json.loads((self.dir / MANIFEST).read_text())
+        g = dict(self.manifest["grid"])
+        g["offset_frames"] = tuple(g["offset_frames"])
+        self.grid = CacheGrid(**g)
+        with np.load(self.dir / INDEX) as z:
+            self.index = {k: z[k] for k in z.files}
+        self._src = ArrayRecordSource([str(self.dir / s["file"]) for s in self.manifest["shards"]])
+        if len(self._src) != len(self.index["nv"]):
+            raise ValueError(f"{self.dir}: {len(self._src)} records but {len(self.index['nv'])} index rows")
+        self._memory: "OrderedDict[int, dict]" = OrderedDict()
+        self._memory_clips = int(memory_clips)
+
+    def __len__(self) -> int:
+        return len(self._src)
+
+    def __getitem__(self, i: int) -> dict:
+        i = int(i)
+        if i in self._memory:
+            self._memory.move_to_end(i)
+            return self._memory[i]
+        data = self._src[i]
+        e = decode_entry(data)
+        if self._memory_clips > 0:
+            self._memory[i] = e
+            if len(self._memory) > self._memory_clips:
+                self._memory.popitem(last=False)
+        return e
+
+    def pair_counts(self) -> np.ndarray:
+        """Valid (window, class) pairs per clip (a Python loop: ~tens of us per clip)."""
+        idx = self.index
+        out = np.zeros(len(idx["nv"]), np.int64)
+        for i in range(len(out)):
+            out[i] = int(self.grid.valid_pairs(int(idx["v_len"][i]), int(idx["a_len"][i]),
+                                               int(idx["nv"][i]), int(idx["na"][i])).sum())
+        return out
+
+    def window(self, clip: int, g: int, j: int) -> Tuple[np.ndarray, np.ndarray]:
+        """`vfeat [S, 8, D]`, `afeat [S, 6, D]` of one window (a gather)."""
+        e = self[clip]
+        vi, ai = self.grid.window_entries(g, j)
+        return e["vfeat"][vi], e["afeat"][ai]
+
+
+class CacheTrainIterator:
+    """Endless stage-II training batches from a feature cache, checkpointable.
+
+    Step `n` draws the global batch (`batch_size * process_count` rows) of
+    (clip, window start, offset class) triples uniformly from all valid triples with
+    `default_rng([seed, n])`; host `p` keeps rows `[p * B, (p + 1) * B)`. The draws do not
+    depend on the host count beyond that split, and `get_state() = {"step": n}` restores
+    exactly.
+    """
+
+    def __init__(self, cache: Union[str, os.PathLike, FeatureCache], *, batch_size: int, seed: int,
+                 process_index: int = 0, process_count: int = 1, memory_clips: int = 256):
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        self.cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache, memory_clips)
+        self.batch_size, self.seed = int(batch_size), int(seed)
+        self.process_index, self.process_count = int(process_index), int(process_count)
+        counts = self.cache.pair_counts()
+        self._cum = np.cumsum(counts)
+        self.total = int(self._cum[-1]) if len(self._cum) else 0
+        if self.total == 0:
+            raise ValueError(f"{self.cache.dir}: no clip has a valid stage-II window")
+        self.step = 0
+
+    def draw(self, step: int) -> np.ndarray:
+        """`[B, 3]` (clip, g, j) of this host at `step`."""
+        rng = np.random.default_rng([self.seed, int(step)])
+        u = rng.integers(0, self.total, size=self.batch_size * self.process_count)
+        u = u[self.process_index * self.batch_size:(self.process_index + 1) * self.batch_size]
+        out = np.zeros((len(u), 3), np.int64)
+        idx = self.cache.index
+        for r, x in enumerate(u):
+            clip = int(np.searchsorted(self._cum, x, side="right"))
+            local = int(x - (self._cum[clip - 1] if clip else 0))
+            ok = self.cache.grid.valid_pairs(int(idx["v_len"][clip]), int(idx["a_len"][clip]),
+                                             int(idx["nv"][clip]), int(idx["na"][clip]))
+            g, j = np.argwhere(ok)[local]
+            out[r] = (clip, g, j)
+        return out
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Dict[str, np.ndarray]:
+        triples = self.draw(self.step)
+        v, a = zip(*(self.cache.window(c, g, j) for c, g, j in triples))
+        self.step += 1
+        return {"vfeat": np.stack(v), "afeat": np.stack(a), "offset_target": triples[:, 2].astype(np.int32)}
+
+    def get_state(self) -> dict:
+        return {"step": int(self.step)}
+
+    def set_state(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+def train_iterator(cache_dir, model_config, *, batch_size: int, seed: int, process_index: int = 0,
+                   process_count: int = 1) -> CacheTrainIterator:
+    """The trainer's cached stage-II iterator; checks the cache fits the model."""
+    it = CacheTrainIterator(cache_dir, batch_size=batch_size, seed=seed, process_index=process_index,
+                            process_count=process_count)
+    m = it.cache.manifest
+    want = grid_for(model_config.n_segments, segment_frames=model_config.video.num_frames,
+                    max_off_sec=model_config.sync.max_offset_sec, grid_size=model_config.sync.num_offset_classes)
+    if want != it.cache.grid:
+        raise ValueError(f"{cache_dir}: cache grid {it.cache.grid} does not fit the model ({want})")
+    dims = m["feature_dims"]
+    if (dims["video"], dims["audio"]) != (model_config.video.embed_dim, model_config.audio.hidden_size):
+        raise ValueError(f"{cache_dir}: cached feature dims {dims} do not fit the model")
+    if m["crop"]["size"] != model_config.video.img_size:
+        _log.warning("feature cache %s was built at %d px, the model takes %d px", cache_dir, m["crop"]["size"],
+                     model_config.video.img_size)
+    _log.info("feature cache %s: %d clips, %d (clip, window, class) triples; extractor params sha256 %s",
+              cache_dir, len(it.cache), it.total, m["extractor_params_sha256"])
+    return it
