@@ -37,6 +37,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ also when imported by path
+from hostinfo import cpu_model, pin_threads, reset_peak_rss, vm_hwm_bytes  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "torch_official_worker.py")
 GIB = 1024 ** 3
@@ -69,52 +72,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ---- process-level measurements ---------------------------------------------------------
-def reset_peak_rss() -> bool:
-    """Reset VmHWM (writing 5 to /proc/self/clear_refs) so a phase's peak can be read alone."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def vm_hwm_bytes():
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def pin_threads(threads):
-    """Restrict this process (and its children) to `threads` CPUs; returns the CPU list."""
-    allowed = sorted(os.sched_getaffinity(0))
-    if threads is None:
-        return allowed
-    if threads < 1 or threads > len(allowed):
-        raise SystemExit(f"--threads must be in 1..{len(allowed)} (allowed CPUs: {allowed})")
-    cpus = allowed[:threads]
-    os.sched_setaffinity(0, cpus)
-    if threads == 1:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
-    return cpus
-
-
 # ---- inputs -----------------------------------------------------------------------------
 def make_inputs(seed: int, batch: int, segments: int = 14):
     """Video uniform in [-1, 1] (the normalised RGB range), audio ~ N(0, 0.5^2) (normalised log-mel)."""

@@ -55,6 +55,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ also when imported by path
+from hostinfo import cpu_model  # noqa: E402
+
 DATA_VERSION = 1  # bump when the generated data changes
 
 TASKS = ("train stage II", "train stage I", "prepare (conforming)", "prepare (re-encode)")
@@ -248,16 +251,6 @@ def versions() -> dict:
         except metadata.PackageNotFoundError:
             out[dist] = None
     return out
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def summarise(task, threads, runs) -> dict:

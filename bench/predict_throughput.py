@@ -28,17 +28,8 @@ import sys
 import tempfile
 import time
 
-
-def pin_threads(threads):
-    allowed = sorted(os.sched_getaffinity(0))
-    if threads is None:
-        return allowed
-    if threads < 1 or threads > len(allowed):
-        raise SystemExit(f"--threads must be in 1..{len(allowed)} (allowed CPUs: {allowed})")
-    os.sched_setaffinity(0, allowed[:threads])
-    if threads == 1:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
-    return allowed[:threads]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ also when imported by path
+from hostinfo import pin_threads  # noqa: E402
 
 
 def write_clip(path: pathlib.Path, seed: int, seconds: float = 10.0) -> None:

@@ -50,6 +50,9 @@ import sys
 import time
 import traceback
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ also when imported by path
+from hostinfo import cpu_model, pin_threads  # noqa: E402
+
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent
 if str(REPO) not in sys.path:  # the parent reads models/config.py (no jax) without an install
@@ -393,21 +396,28 @@ def child_infer(spec) -> dict:
             "chunk": chunk}
 
 
-def _trainer_case(spec, batch):
-    """(trainer, state, device batch, rng) of stage `spec['kind']` at `batch` clips."""
-    import jax
-
-    sys.path.insert(0, str(HERE))
+def _case_config(spec, batch):
+    """The trainer config of bench/train_step.py's case for `spec` at `batch` clips."""
     import train_step as ts  # bench/train_step.py: the benchmark configs and host batches
-
-    from synchformer_jax import sharding, train
-    from synchformer_jax.input import device as device_lib
 
     case = ("tiny" if spec["size"] == "tiny" else "full") + ("-I" if spec["kind"] == "stage1" else "-II")
     config = ts.case_config(case, batch, spec["dtype"], spec.get("remat", False))
     if spec["size"] == "tiny" and spec.get("img_size"):
         with config.unlocked():
             config.model.video.img_size = spec["img_size"]
+    return config
+
+
+def _trainer_case(spec, batch):
+    """(trainer, state, device batch, rng) of stage `spec['kind']` at `batch` clips."""
+    import jax
+
+    import train_step as ts  # bench/train_step.py: the benchmark configs and host batches
+
+    from synchformer_jax import sharding, train
+    from synchformer_jax.input import device as device_lib
+
+    config = _case_config(spec, batch)
     trainer = train.build_trainer(config)
     t = time.perf_counter()
     if spec.get("init") == "model":
@@ -442,17 +452,11 @@ def _compile_step(trainer, state, gbatch, rng):
 def _abstract_compile(spec, batch):
     """Compile the step for `batch` without allocating state (for the buffer plan)."""
     import jax
-
-    sys.path.insert(0, str(HERE))
     import train_step as ts
 
     from synchformer_jax import train
 
-    case = ("tiny" if spec["size"] == "tiny" else "full") + ("-I" if spec["kind"] == "stage1" else "-II")
-    config = ts.case_config(case, batch, spec["dtype"], spec.get("remat", False))
-    if spec["size"] == "tiny" and spec.get("img_size"):
-        with config.unlocked():
-            config.model.video.img_size = spec["img_size"]
+    config = _case_config(spec, batch)
     trainer = train.build_trainer(config)
     abstract = train._abstract_state(trainer.task, trainer.tx, config.optim.frozen)
     hb = ts.host_batch(trainer.task, 1)
@@ -818,16 +822,6 @@ def defaults(args, gpu: bool) -> None:
         args.ref_peak_tflops = 800.0
 
 
-def pin_threads(threads):
-    allowed = sorted(os.sched_getaffinity(0))
-    if threads is None:
-        return allowed
-    if threads < 1 or threads > len(allowed):
-        raise SystemExit(f"--threads must be in 1..{len(allowed)}")
-    os.sched_setaffinity(0, allowed[:threads])  # inherited by every child process
-    return allowed[:threads]
-
-
 def _detect_gpu(args) -> bool:
     if args.platform:
         return args.platform in ("gpu", "cuda")
@@ -989,7 +983,7 @@ def main(argv=None) -> int:
             report = json.load(f)
         print(fmt_table(rows_of(report), report))
         return 0
-    cpus = pin_threads(args.threads)
+    cpus = pin_threads(args.threads, single_thread_xla=False)
     gpu = _detect_gpu(args)
     defaults(args, gpu)
     modes = [m for m in args.modes.split(",") if m]
@@ -1010,7 +1004,7 @@ def main(argv=None) -> int:
 
     report = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": {"nproc": os.cpu_count(), "cpus_used": cpus, "platform": platform.platform(),
-                          "cpu": _cpu_name()},
+                          "cpu": cpu_model()},
               "gpu": gpu, "args": vars(args), "jax": {}, "torch": None}
     mcfg = {t: model_config_for(args.size, args.img_size, t) for t in MODES}
     report["flops_per_clip"] = {t: task_flops(mcfg[t])[t] for t in MODES}
@@ -1060,16 +1054,6 @@ def main(argv=None) -> int:
     if args.json_out:
         print(f"wrote {args.json_out}")
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

@@ -24,27 +24,8 @@ import statistics
 import sys
 import time
 
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) so that the forward phase can be
-    measured on its own; writing 5 to clear_refs does that for the calling process."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def vm_hwm_bytes() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ also when imported by path
+from hostinfo import reset_peak_rss, vm_hwm_bytes  # noqa: E402
 
 
 def rerandomize_(model, seed: int) -> None:

@@ -54,6 +54,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ also when imported by path
+from hostinfo import cpu_model  # noqa: E402
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CASES = ("tiny-I", "tiny-II", "full-I", "full-II")
 
@@ -283,16 +286,6 @@ def versions() -> dict:
             "flax": flax.__version__, "optax": optax.__version__}
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def table(results: list[dict], peak: float, peak_cpu: float | None) -> str:
     """MFU (wall) = FLOP/step / step s / peak. MFU (CPU) = FLOP/step / CPU s/step / the
     microbenchmark's FLOP per CPU second: the fraction of the matmul rate the cores reached
@@ -370,7 +363,7 @@ def main(argv=None) -> int:
     unknown = set(cases) - set(CASES)
     if unknown:
         p.error(f"unknown cases {sorted(unknown)}; choose from {CASES}")
-    meta = dict(date=datetime.date.today().isoformat(), machine=cpu_name(), cores=len(os.sched_getaffinity(0)),
+    meta = dict(date=datetime.date.today().isoformat(), machine=cpu_model(), cores=len(os.sched_getaffinity(0)),
                 backend=jax.default_backend(), devices=[str(d) for d in jax.devices()], **versions())
     if args.largest_batch:
         if args.cases == ",".join(CASES):

@@ -369,7 +369,7 @@ def _fmt_table(rec: dict[str, Any]) -> str:
             row += f"  {w['sync_prob']:7.3f}"
         lines.append(row)
     a = rec["aggregate"]
-    summary = f"  video: "
+    summary = "  video: "
     if has_off:
         summary += (f"offset {a['offset_sec']:+.2f} s (class {a['class']}), confidence {a['confidence']:.3f}, "
                     f"{a['window_agreement'] * 100:.0f}% of windows agree")
@@ -520,15 +520,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def add_predict_parser(sub) -> None:
     """Register `predict` on the `synchformer-jax` subparsers."""
+    from synchformer_jax.cli import _positive_int
+
     p = sub.add_parser("predict", help="offset (and synchronizability) of video files: per window top-k, "
                                        "per video an aggregate; table, --json or --jsonl")
     p.add_argument("paths", nargs="+", metavar="PATH",

@@ -85,7 +85,7 @@ def _assert_batches_equal(a, b):
                 np.testing.assert_array_equal(x[k]["clip_id"], y[k]["clip_id"])
                 assert x[k]["skipped"] == y[k]["skipped"]
             else:
-                np.testing.assert_array_equal(x[k], y[k])
+                np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 # ------------------------------------------------------------------------ contents

@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import struct
 
-import numpy as np
 import pytest
 
 from synchformer_jax import checkpoint, experiment, records, synthetic, tasks, train
 from synchformer_jax.input import pipeline as pl
 from synchformer_jax.input import shards as shard_lib
 from tests import train_helpers as th
+from tests.test_pipeline import _assert_batches_equal
 
 N_TRAIN, N_EVAL = 8, 7  # 7 eval clips: uneven host splits and a padded last batch
 DEVICES = 1  # the training run's fake devices: about 3x less CPU than 8 for compiles and saves
@@ -51,16 +51,6 @@ def sets(tmp_path_factory):
     return made
 
 
-def _assert_batches_equal(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert set(x) == set(y)
-        for k in x:
-            if k == "meta":
-                np.testing.assert_array_equal(x[k]["clip_id"], y[k]["clip_id"])
-                assert x[k]["skipped"] == y[k]["skipped"]
-            else:
-                np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 @pytest.mark.parametrize("hosts,batch_size,rounds,fixed", [(1, 3, 2, None), (2, 2, 2, None), (3, 2, 1, "labels")])
