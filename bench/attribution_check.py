@@ -2,8 +2,8 @@
 
     python bench/attribution_check.py workdir/demo/model [--samples 256] [--plot event.png]
 
-Renders a 10 s procedural clip with exactly one event (a flash with an impact sound at
-5.0 s by default), attributes a model's prediction at offset +0.4 s with a cue-free
+Renders a 10 s procedural clip with exactly one event (by default the CPU demo's cue, a
+lamp that switches on with its hum, at 5.0 s; `--kind flash` etc.: a sparse event), attributes a model's prediction at offset +0.4 s with a cue-free
 synthetic distractor (`synchformer_jax.attribution.isolated_event_check`) and prints
 the report: for each stream the interval holding the event onset, the highest-scoring
 interval, their scores and whether the peak is at the event (-1..+2 intervals). Exit
@@ -26,7 +26,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--event-time-sec", type=float, default=5.0)
-    p.add_argument("--kind", default="flash", choices=("flash", "bounce", "collide"))
+    p.add_argument("--kind", default="onset", choices=("onset", "flash", "bounce", "collide"),
+                   help="onset: the CPU demo's cue (a lamp switching on with its hum); the others: sparse events")
     p.add_argument("--sound", default="burst", choices=("burst", "tone", "chirp"))
     p.add_argument("--offset-sec", type=float, default=0.4)
     p.add_argument("--plot", help="also write the attribution figure (PNG) here")

@@ -13,7 +13,9 @@ transformer alone:
   an event vector added to a per-clip background vector plus noise;
 * `--identity` gives every event its own random code, shared by both streams (what an
   ideal stage I would produce: same moment -> similar features); otherwise one event
-  direction per stream (`--aligned`: the same direction in both streams).
+  direction per stream (`--aligned`: the same direction in both streams);
+* `--cue onset` replaces the events by the CPU demo's cue: one switch per clip in its
+  middle second, after which every token carries the "on" vector.
 
 Examples are (clip, video start on the 8-frame grid, offset class) with the offset
 applied on the 40 ms grid, as the fixed-offset evaluation does. The held-out clips give
@@ -24,6 +26,7 @@ of N(0, 1)), `--sync-width/--sync-layers/--sync-heads` (a larger sync transforme
 
     python bench/stage2_plateau.py --steps 3000 --batch 32            # the demo's setting
     python bench/stage2_plateau.py --steps 3000 --identity --pos-init time --init-scale 5
+    python bench/stage2_plateau.py --steps 750 --cue onset                # the demo's cue
 """
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ V_HOP, A_HOP = 8, 640  # frames / samples between cached segment starts
 SEG_FRAMES, SEG_SAMPLES = 16, 10240
 
 
-def oracle_features(n_clips, dim, gap, identity, aligned, rng, duration_sec=10.0):
+def oracle_features(n_clips, dim, gap, identity, aligned, rng, duration_sec=10.0, cue="events"):
     n_frames = int(duration_sec * FPS)
     n_v = (n_frames - SEG_FRAMES) // V_HOP + 1
     n_a = (n_frames * A_HOP - SEG_SAMPLES) // A_HOP + 1
@@ -53,9 +56,18 @@ def oracle_features(n_clips, dim, gap, identity, aligned, rng, duration_sec=10.0
     u_a = u_v if aligned else rng.normal(size=dim)
     V = np.zeros((n_clips, n_v, 8, dim), np.float32)
     A = np.zeros((n_clips, n_a, 6, dim), np.float32)
+    # Start time of every token: video token k of entry j holds frames 8 j + 2 k, +1;
+    # audio token k of entry j starts at 0.04 j + k * 0.64 / 6 s.
+    tv = (V_HOP * np.arange(n_v)[:, None] + 2 * np.arange(8)[None]) / FPS
+    ta = (A_HOP * np.arange(n_a)[:, None] / RATE) + np.arange(6)[None] * SEG_SAMPLES / RATE / 6
     for i in range(n_clips):
         V[i] = rng.normal(size=dim) + 0.1 * rng.normal(size=(n_v, 8, dim))
         A[i] = rng.normal(size=dim) + 0.1 * rng.normal(size=(n_a, 6, dim))
+        if cue == "onset":  # the demo's cue: a state that switches on for good in the middle second
+            t0 = round(rng.uniform(duration_sec / 2 - 0.5, duration_sec / 2 + 0.5) * FPS) / FPS
+            V[i] += (tv >= t0)[..., None] * u_v
+            A[i] += (ta >= t0)[..., None] * u_a
+            continue
         t = rng.uniform(0.3, gap[1])
         while t < duration_sec - 0.3:
             frame = int(round(t * FPS))
@@ -96,6 +108,9 @@ def main():
     p.add_argument("--gap-max", type=float, default=2.0)
     p.add_argument("--identity", action="store_true")
     p.add_argument("--aligned", action="store_true")
+    p.add_argument("--cue", choices=("events", "onset"), default="events",
+                   help="events: short irregular events (--gap-*); onset: one state switch per clip that "
+                        "stays on (the CPU demo's cue)")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -116,7 +131,7 @@ def main():
     rng = np.random.default_rng(args.seed)
     dim = cfg.video.embed_dim
     V, A = oracle_features(args.clips + args.eval_clips, dim, (args.gap_min, args.gap_max), args.identity,
-                           args.aligned, rng)
+                           args.aligned, rng, cue=args.cue)
     params = jax.device_get(sf.init_params(cfg, jax.random.key(args.seed)))
     flat = traverse_util.flatten_dict(params)
     for key in flat:

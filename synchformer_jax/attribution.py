@@ -503,14 +503,15 @@ def _demo_clip_size(img_size: int) -> int:
 
 
 def isolated_event_check(model_dir: str | os.PathLike, *, seed: int = 0, event_time_sec: float = 5.0,
-                         v_start_sec: float = 2.4, offset_sec: float = 0.4, kind: str = "flash",
+                         v_start_sec: float = 2.4, offset_sec: float = 0.4, kind: str = "onset",
                          sound: str = "burst", num_samples: int = 256, batch_size: int = 32,
                          clip_size: Optional[int] = None, peak_window: tuple[int, int] = (-1, 2),
                          plot_path: Optional[str | os.PathLike] = None) -> dict[str, Any]:
     """Does the attribution of a (demo-trained) model peak at a lone synthetic event?
 
     Renders a 10 s synthetic clip with exactly one event at `event_time_sec` (clip
-    time), masks with a cue-free synthetic distractor, and compares each stream's
+    time; `kind="onset"`: the demo's lamp switching on, else a flash/bounce/collide with
+    `sound`), masks with a cue-free synthetic distractor of the same family, and compares each stream's
     highest-scoring interval with the interval holding the event onset. A peak counts
     as at the event when it is within `peak_window` intervals of the onset (-1..+2:
     the flash fades over 4 frames and the sound decays over up to 0.3 s after the
@@ -522,9 +523,15 @@ def isolated_event_check(model_dir: str | os.PathLike, *, seed: int = 0, event_t
     loaded = pretrained.load_model(model_dir)
     model = Synchformer(loaded.config)
     size = clip_size or _demo_clip_size(loaded.config.video.img_size)
-    frames, audio, events = synthetic.make_clip_with_events(seed, [event_time_sec], height=size, width=size,
-                                                            kinds=[kind], sounds=[sound])
-    d_frames, d_audio, _ = synthetic.make_clip_with_events(seed + 1, [], height=size, width=size)
+    if kind == "onset":  # the CPU demo's cue: a lamp that switches on for good, with its hum
+        frames, audio, events = synthetic.make_clip_with_events(seed, [event_time_sec], height=size, width=size,
+                                                                cue=synthetic.CUE_ONSET)
+        d_frames, d_audio, _ = synthetic.make_clip_with_events(seed + 1, [], height=size, width=size,
+                                                               cue=synthetic.CUE_ONSET)
+    else:
+        frames, audio, events = synthetic.make_clip_with_events(seed, [event_time_sec], height=size, width=size,
+                                                                kinds=[kind], sounds=[sound])
+        d_frames, d_audio, _ = synthetic.make_clip_with_events(seed + 1, [], height=size, width=size)
     result = attribute_clip(model, loaded.params, frames, audio, v_start_sec=v_start_sec, offset_sec=offset_sec,
                             distractor_frames=d_frames, distractor_audio=d_audio, num_samples=num_samples,
                             batch_size=batch_size, seed=seed, events=events)

@@ -2,12 +2,15 @@
 
 `run_demo(workdir)` (the `synchformer-jax demo` command):
 
-1. renders the procedural sparse-cue clips once into `<workdir>/synthetic` (train split
+1. renders the procedural clips (the config's cue) once into `<workdir>/synthetic` (train split
    for both stages, a held-out eval split whose records carry fixed offsets);
 2. trains stage I (both extractors, segment InfoNCE) in `<workdir>/stage1`;
-3. trains stage II in `<workdir>/stage2`, initialised from the stage-I run
-   (`init_from=<workdir>/stage1`: extractors copied and frozen, the rest fresh);
-4. evaluates stage II on the held-out clips at their fixed offsets, writes
+3. caches the features of the stage-I extractors for the training clips in
+   `<workdir>/feature_cache` (when the config names `data.feature_cache`; the demo's does);
+4. trains stage II in `<workdir>/stage2`, initialised from the stage-I run
+   (`init_from=<workdir>/stage1`: extractors copied and frozen, the rest fresh), on
+   batches from the cache;
+5. evaluates stage II on the held-out clips at their fixed offsets, writes
    `<workdir>/results.json` and the model folder `<workdir>/model` (final stage-II
    params + config, loadable with `pretrained.load_model`), and prints the table.
 
@@ -134,7 +137,8 @@ def format_table(metrics: dict, timings: dict) -> str:
         t = "" if target is None else f">= {100 * target:.0f} %"
         lines.append(f"  {name:<18}{v:>8}   {t}")
     lines.append(f"  wall {timings['wall_sec']:.0f} s (data {timings['data_wall_sec']:.0f} s, "
-                 f"stage I {timings['stage1_wall_sec']:.0f} s, stage II {timings['stage2_wall_sec']:.0f} s), "
+                 f"stage I {timings['stage1_wall_sec']:.0f} s, feature cache {timings.get('cache_wall_sec', 0):.0f} s, "
+                 f"stage II {timings['stage2_wall_sec']:.0f} s), "
                  f"CPU {timings['cpu_sec']:.0f} s, load average {timings['load_start'][0]:.1f} -> "
                  f"{timings['load_end'][0]:.1f} on {os.cpu_count()} cores")
     return "\n".join(lines)
@@ -158,7 +162,30 @@ def prepare_configs(workdir: str | os.PathLike, *, fast: bool = False,
             write_scratch_init(workdir / INIT_DIR, c1)
     if not c2.init_from:
         c2.init_from = str(workdir / STAGE1_DIR)
+    cache = c2.data.get("feature_cache", "")
+    if cache and not pathlib.Path(cache).is_absolute():
+        c2.data.feature_cache = str(workdir / cache)
     return c1, c2
+
+
+def build_stage2_cache(config: ml_collections.ConfigDict, train_paths) -> dict:
+    """The stage-II feature cache (`config.data.feature_cache`) of `train_paths`, made by
+    the extractors stage II starts from (its `init_from`, i.e. stage I's last checkpoint)
+    and keeps frozen, so every cached entry is what the stage would compute itself.
+    Kept when its manifest exists and names the same extractor weights (a resumed demo)."""
+    import jax
+
+    from synchformer_jax import feature_cache, train
+
+    trainer = train.build_trainer(config)
+    state, _ = train.initial_state(trainer, jax.random.key(config.seed))
+    params, model_config = jax.device_get(state.params), trainer.task.model_config.replace(dtype="float32")
+    manifest = pathlib.Path(config.data.feature_cache) / "manifest.json"
+    if manifest.exists():
+        made = json.loads(manifest.read_text())
+        if made.get("extractor_params_sha256") == feature_cache.extractor_params_sha256(params):
+            return made
+    return feature_cache.build_feature_cache((params, model_config), train_paths, config.data.feature_cache)
 
 
 def run_demo(workdir: str | os.PathLike, *, fast: bool = False, config_path: Optional[str | os.PathLike] = None,
@@ -174,7 +201,7 @@ def run_demo(workdir: str | os.PathLike, *, fast: bool = False, config_path: Opt
     stage1_dir, stage2_dir = workdir / STAGE1_DIR, workdir / STAGE2_DIR
     echo(f"[demo] synthetic clips: {c1.data.synthetic_train} train + {c1.data.synthetic_eval} held out, "
          f"{dict(c1.data.synthetic_clip) or 'default'} -> {synthetic_dir}")
-    train.data_paths(c1, stage1_dir)  # renders the set once (both stages read it)
+    train_paths, _ = train.data_paths(c1, stage1_dir)  # renders the set once (both stages read it)
     t_data = time.perf_counter()
 
     echo(f"[demo] stage I (Segment AVCLIP): {c1.train.num_steps} steps of {c1.data.batch_size} clips "
@@ -185,8 +212,15 @@ def run_demo(workdir: str | os.PathLike, *, fast: bool = False, config_path: Opt
         echo(f"[demo] stage I held-out sync-with-shifts precision {100 * m1['precision']:.1f} % "
              f"(chance {100 / 7:.1f} %)")
 
+    if c2.data.get("feature_cache", ""):
+        made = build_stage2_cache(c2, train_paths)
+        echo(f"[demo] stage-II feature cache of the frozen stage-I extractors: {made['num_clips']} clips "
+             f"-> {c2.data.feature_cache}")
+    t_cache = time.perf_counter()
+
     echo(f"[demo] stage II (sync, extractors frozen from stage I): {c2.train.num_steps} steps of "
-         f"{c2.data.batch_size} clips -> {stage2_dir}")
+         f"{c2.data.batch_size} {'cached windows' if c2.data.get('feature_cache', '') else 'clips'} "
+         f"-> {stage2_dir}")
     m2 = _final_metrics(stage2_dir, train.train_and_evaluate(c2, stage2_dir))
     t_stage2 = time.perf_counter()
 
@@ -197,7 +231,7 @@ def run_demo(workdir: str | os.PathLike, *, fast: bool = False, config_path: Opt
                     "fast": fast})
     t1, cpu1, load1 = time.perf_counter(), _cpu_seconds(), os.getloadavg()
     timings = {"wall_sec": t1 - t0, "data_wall_sec": t_data - t0, "stage1_wall_sec": t_stage1 - t_data,
-               "stage2_wall_sec": t_stage2 - t_stage1, "cpu_sec": cpu1 - cpu0,
+               "cache_wall_sec": t_cache - t_stage1, "stage2_wall_sec": t_stage2 - t_cache, "cpu_sec": cpu1 - cpu0,
                "load_start": list(load0), "load_end": list(load1), "cpu_count": os.cpu_count()}
     keys = ("accuracy_1", "accuracy_1_tol1", "accuracy_5", "accuracy_5_tol1", "median_class_accuracy_1", "count")
     results = {"stage2": {k: m2.get(k) for k in keys}, "stage1": {k: v for k, v in m1.items()

@@ -46,6 +46,7 @@ FPS = 25
 SAMPLE_RATE = 16000
 EVENT_KINDS = ("bounce", "collide", "flash")
 SOUND_KINDS = ("burst", "tone", "chirp")
+CUE_EVENTS, CUE_ONSET = "events", "onset"
 
 
 def _event_frames(rng: np.random.Generator, n_frames: int, min_events: int, max_events: int,
@@ -113,19 +114,33 @@ def _paint_box(img: np.ndarray, y0: float, y1: float, x0: float, x1: float, colo
         img[y0:y1, x0:x1] = colour
 
 
-def _render_video(rng: np.random.Generator, n_frames: int, height: int, width: int,
-                  events: List[Dict[str, Any]]) -> np.ndarray:
-    t = np.arange(n_frames, dtype=np.float64) / FPS
+def _background(rng: np.random.Generator, t: np.ndarray, height: int, width: int) -> Tuple[np.ndarray, np.ndarray]:
+    """A diagonal gradient with fixed grain whose colours drift slowly (a nuisance change
+    that carries no timing information): `(base int16 [H, W, 3], shift float [T, 3])`."""
     yy = np.arange(height, dtype=np.float32)[:, None]
     xx = np.arange(width, dtype=np.float32)[None, :]
-    # Background: a diagonal gradient with fixed grain whose colours drift slowly (a
-    # nuisance change that carries no timing information).
     c0 = rng.uniform(30, 120, 3)
     c1 = rng.uniform(30, 120, 3)
     ramp = ((yy + xx) / float(height + width))[..., None]  # [H, W, 1]
     grain = rng.normal(0, 4, (height, width, 1))
     base = np.round(c0 * (1 - ramp) + c1 * ramp + grain).astype(np.int16)  # [H, W, 3]
     shift = rng.uniform(10, 40, 3) * np.sin(2 * np.pi * t[:, None] / rng.uniform(6, 20) + rng.uniform(0, 6.3, 3))
+    return base, shift
+
+
+def _distractor(rng: np.random.Generator, t: np.ndarray, height: int, width: int):
+    """A silent square on a smooth Lissajous path, never tied to a sound:
+    `(centre y [T], centre x [T], half side, colour)`."""
+    fy, fx, ph = rng.uniform(0.05, 0.2), rng.uniform(0.05, 0.2), rng.uniform(0, 6.3)
+    dy = height * (0.3 + 0.2 * np.sin(2 * np.pi * fy * t + ph))
+    dx = width * (0.5 + 0.35 * np.sin(2 * np.pi * fx * t))
+    return dy, dx, 14 * height / 256.0, rng.uniform(60, 200, 3).astype(np.uint8)
+
+
+def _render_video(rng: np.random.Generator, n_frames: int, height: int, width: int,
+                  events: List[Dict[str, Any]]) -> np.ndarray:
+    t = np.arange(n_frames, dtype=np.float64) / FPS
+    base, shift = _background(rng, t, height, width)
 
     times = {k: np.array([e["time_sec"] for e in events if e["kind"] == k]) for k in EVENT_KINDS}
     # Flashes: +110 at the event frame, decaying over the next frames (same on all channels).
@@ -136,11 +151,7 @@ def _render_video(rng: np.random.Generator, n_frames: int, height: int, width: i
 
     floor = height * 0.85
     s = height / 256.0  # geometry scales with the frame
-    # Silent distractor: a square on a smooth Lissajous path, never tied to a sound.
-    fy, fx, ph = rng.uniform(0.05, 0.2), rng.uniform(0.05, 0.2), rng.uniform(0, 6.3)
-    dy = height * (0.3 + 0.2 * np.sin(2 * np.pi * fy * t + ph))
-    dx = width * (0.5 + 0.35 * np.sin(2 * np.pi * fx * t))
-    d_half, d_col = 14 * s, rng.uniform(60, 200, 3).astype(np.uint8)
+    dy, dx, d_half, d_col = _distractor(rng, t, height, width)
     # Ball: touches the floor exactly at the bounce events.
     r = 16 * s
     hgt = _ball_height(t, times["bounce"], rng)
@@ -208,17 +219,83 @@ def _render_audio(rng: np.random.Generator, n_samples: int, events: List[Dict[st
     return np.clip(audio, -1.0, 1.0)
 
 
+def onset_range_sec(duration_sec: float, crop_len_sec: float = 5.0, max_off_sec: float = 2.0,
+                    margin_sec: float = 0.3) -> Tuple[float, float]:
+    """Where a clip's onset goes. Up to `crop_len_sec + max_off_sec + 0.4` s (7.4 s) there
+    is a span inside the segments of *every* window (any offset class, any feasible video
+    start; segments span 4.8 s centred in the 5-s crop): after the latest possible window
+    start, before the earliest possible segment end, `margin_sec` in from both. Longer
+    clips (stage I's 14 x 0.64 s needs 9 s) have no such span; there the onset goes to
+    the middle second, which ~90 % of the random windows of a 10-s clip hold in both streams."""
+    room = duration_sec - crop_len_sec  # latest video (or audio) crop start
+    if room < max_off_sec - 1e-9:
+        raise ValueError(f"a {duration_sec} s clip cannot hold +-{max_off_sec} s offsets of a {crop_len_sec} s crop")
+    seg_lo, seg_hi = 0.08, crop_len_sec - 0.12  # the centred 14 x 0.64-s segments inside the crop
+    lo, hi = room + seg_lo + margin_sec, seg_hi - margin_sec
+    if lo < hi:
+        return lo, hi
+    return duration_sec / 2 - 0.5, duration_sec / 2 + 0.5
+
+
+def _render_onset(rng: np.random.Generator, n_frames: int, n_samples: int, height: int, width: int,
+                  onset_frame: Optional[int]) -> Tuple[np.ndarray, np.ndarray]:
+    """A lamp that switches on (and stays on) at `onset_frame` while its hum starts in the
+    same frame; `None`: the lamp stays off and silent (a cue-free distractor)."""
+    t = np.arange(n_frames, dtype=np.float64) / FPS
+    base, shift = _background(rng, t, height, width)
+    dy, dx, d_half, d_col = _distractor(rng, t, height, width)
+    cy, cx = height * rng.uniform(0.35, 0.65), width * rng.uniform(0.3, 0.7)
+    radius = 0.22 * min(height, width)
+    off_col = rng.uniform(40, 70, 3).astype(np.uint8)
+    on_col = rng.uniform(170, 255, 3).astype(np.uint8)
+    on = np.zeros(n_frames, bool) if onset_frame is None else np.arange(n_frames) >= onset_frame
+    shift = np.round(shift + 30.0 * on[:, None]).astype(np.int16)  # the room lights up a little too
+    video = np.empty((n_frames, height, width, 3), np.uint8)
+    tmp = np.empty((height, width, 3), np.int16)
+    for i in range(n_frames):
+        np.add(base, shift[i], out=tmp)
+        np.clip(tmp, 0, 255, out=tmp)
+        img = video[i]
+        img[...] = tmp
+        _paint_disc(img, cy, cx, radius, on_col if on[i] else off_col)
+        _paint_box(img, dy[i] - d_half, dy[i] + d_half, dx[i] - d_half, dx[i] + d_half, d_col)
+
+    audio = rng.normal(0, rng.uniform(0.002, 0.02), n_samples).astype(np.float32)
+    f0, level = rng.uniform(150, 700), rng.uniform(0.15, 0.4)
+    if onset_frame is not None:
+        i0 = onset_frame * (SAMPLE_RATE // FPS)
+        ts = np.arange(n_samples - i0) / SAMPLE_RATE
+        hum = sum(a * np.sin(2 * np.pi * k * f0 * ts) for k, a in ((1, 1.0), (2, 0.5), (3, 0.25)))
+        attack = np.minimum(1.0, ts / 0.005)  # 5 ms: a sharp but click-free start
+        audio[i0:] += (level / 1.75 * hum * attack).astype(np.float32)
+    return video, np.clip(audio, -1.0, 1.0)
+
+
 def make_clip(seed: int, *, duration_sec: float = 10.0, height: int = 256, width: int = 256,
               min_events: int = 2, max_events: int = 5, min_gap_sec: float = 1.0,
-              kinds: Sequence[str] = EVENT_KINDS) -> Tuple[np.ndarray, np.ndarray, List[Dict[str, Any]]]:
+              kinds: Sequence[str] = EVENT_KINDS, cue: str = CUE_EVENTS,
+              onset_sec: Optional[Tuple[float, float]] = None
+              ) -> Tuple[np.ndarray, np.ndarray, List[Dict[str, Any]]]:
     """One clip: `(frames uint8 [T, H, W, 3], audio float32 [N], events)`.
 
     `T = round(duration_sec * 25)`, `N = T * 640` (so the streams end together).
     `events` is a list of `{"time_sec", "frame", "kind", "sound"}` sorted by time.
+
+    `cue="events"` (default): the sparse events of the module docstring.
+    `cue="onset"`: one lamp switches on for good at a frame drawn from `onset_sec`
+    (default `onset_range_sec(duration_sec)`) and its hum starts with it; one event of
+    kind "onset", sound "hum".
     """
     rng = np.random.default_rng([0x5F17C, int(seed)])
     n_frames = int(round(duration_sec * FPS))
     n_samples = n_frames * (SAMPLE_RATE // FPS)
+    if cue == CUE_ONSET:
+        lo, hi = onset_sec or onset_range_sec(duration_sec)
+        f = int(rng.integers(int(math.ceil(lo * FPS)), int(math.floor(hi * FPS)) + 1))
+        frames, audio = _render_onset(rng, n_frames, n_samples, height, width, f)
+        return frames, audio, [{"time_sec": f / FPS, "frame": f, "kind": "onset", "sound": "hum"}]
+    if cue != CUE_EVENTS:
+        raise ValueError(f"cue must be {CUE_EVENTS!r} or {CUE_ONSET!r}, got {cue!r}")
     margin = int(0.3 * FPS)  # keep sounds from being cut at the clip ends
     frames_at = _event_frames(rng, n_frames, min_events, max_events, int(round(min_gap_sec * FPS)), margin)
     events = []
@@ -233,7 +310,7 @@ def make_clip(seed: int, *, duration_sec: float = 10.0, height: int = 256, width
 
 def make_clip_with_events(seed: int, event_times_sec: Sequence[float], *, duration_sec: float = 10.0,
                           height: int = 256, width: int = 256, kinds: Optional[Sequence[str]] = None,
-                          sounds: Optional[Sequence[str]] = None
+                          sounds: Optional[Sequence[str]] = None, cue: str = CUE_EVENTS
                           ) -> Tuple[np.ndarray, np.ndarray, List[Dict[str, Any]]]:
     """A clip with exactly the given events, rendered like `make_clip`.
 
@@ -243,13 +320,24 @@ def make_clip_with_events(seed: int, event_times_sec: Sequence[float], *, durati
     Times are snapped to the nearest video frame (events sit on the frame grid as in
     `make_clip`). `kinds` / `sounds` give one entry per event (default: drawn from the
     seed). Same return value as `make_clip`; its own seed space (never equal to a
-    `make_clip` clip).
+    `make_clip` clip). `cue="onset"`: at most one time, the lamp's switch-on (none: the
+    lamp stays off and silent).
     """
     rng = np.random.default_rng([0x5F17D, int(seed)])
     n_frames = int(round(duration_sec * FPS))
     n_samples = n_frames * (SAMPLE_RATE // FPS)
     order = np.argsort(np.asarray(event_times_sec, dtype=np.float64), kind="stable")
     frames_at = [int(round(float(event_times_sec[i]) * FPS)) for i in order]
+    if cue == CUE_ONSET:
+        if len(frames_at) > 1 or not all(0 <= f < n_frames for f in frames_at):
+            raise ValueError(f"an onset clip takes at most one time inside the {duration_sec} s clip, "
+                             f"got {list(event_times_sec)}")
+        f = frames_at[0] if frames_at else None
+        frames, audio = _render_onset(rng, n_frames, n_samples, height, width, f)
+        return frames, audio, ([] if f is None else [{"time_sec": f / FPS, "frame": f, "kind": "onset",
+                                                      "sound": "hum"}])
+    if cue != CUE_EVENTS:
+        raise ValueError(f"cue must be {CUE_EVENTS!r} or {CUE_ONSET!r}, got {cue!r}")
     kinds = None if kinds is None else [kinds[i] for i in order] if len(kinds) == len(order) else kinds
     sounds = None if sounds is None else [sounds[i] for i in order] if len(sounds) == len(order) else sounds
     if any(not 0 <= f < n_frames for f in frames_at):

@@ -253,7 +253,7 @@ def test_isolated_event_check_runs_on_a_random_model(tiny_run, tmp_path):
     """The check's plumbing (the model is untrained, so `passed` is whatever it is)."""
     model_dir = pretrained.save_model(tmp_path / "model", tiny_run["params"], CONFIG)
     report = at.isolated_event_check(model_dir, num_samples=8, batch_size=8)
-    assert report["event"]["time_sec"] == 5.0 and report["event"]["kind"] == "flash"
+    assert report["event"]["time_sec"] == 5.0 and report["event"]["kind"] == "onset"
     # Event at 5.0 s (frame 125); video crop from 2.4 s (frame 60: event = crop frame 65 ->
     # interval 26), audio crop from 2.8 s (event = crop sample 35200 -> interval 22).
     assert report["v_start_sec"] == 2.4 and report["a_start_sec"] == 2.8

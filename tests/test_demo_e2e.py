@@ -1,12 +1,13 @@
 """The demo end to end on a tiny budget (8 fake CPU devices, see conftest.py).
 
 Stage I for 2 steps -> checkpoint -> `run_demo` with 4 stage-I steps resumes it at step 2
--> stage II from the stage-I run -> evaluation on held-out clips at fixed offsets ->
-`eval_metrics.json`, `results.json` and a loadable model folder.
+-> feature cache of the stage-I extractors -> stage II from the stage-I run, trained on
+the cache -> evaluation on held-out clips at fixed offsets -> `eval_metrics.json`,
+`results.json` and a loadable model folder.
 """
 import json
 
-from synchformer_jax import checkpoint, demo, pretrained, train
+from synchformer_jax import checkpoint, demo, feature_cache, pretrained, train
 
 # Global batches are multiples of the 8 devices; one block per extractor and one sync
 # layer keep the compiles short. Both stages get the same model overrides (stage II loads
@@ -65,3 +66,8 @@ def test_demo_end_to_end_with_resume(tmp_path):
     assert loaded.config.kind == "sync" and loaded.config.sync.num_offset_classes == 21
     assert loaded.config.video.img_size == c1.model.video.img_size
     assert set(loaded.params) >= {"vfeat_extractor", "afeat_extractor", "transformer"}
+
+    # Stage II trained on the cache of exactly the extractors it kept frozen.
+    manifest = json.loads((tmp_path / "feature_cache" / "manifest.json").read_text())
+    assert manifest["num_clips"] == 8 and not manifest["skipped"]
+    assert manifest["extractor_params_sha256"] == feature_cache.extractor_params_sha256(loaded.params)

@@ -235,6 +235,19 @@ def test_broken_records_are_skipped_and_reported(data, caplog):
     assert "bad_mp4" in caplog.text
 
 
+def test_a_stream_of_only_unusable_records_stops_with_a_clear_error(data, tmp_path):
+    """Repeating forever over records that all fail (clips too short for the stage, say)
+    must not skip forever: twice the data set's size of failures in a row is an error."""
+    path = _write_array_record(tmp_path / "junk.array_record", [b"not a record", b"nor this"])
+    ds = pl.train_dataset([path], pl.ExampleSpec(stage="sync", train=True), batch_size=1, seed=0)
+    with pytest.raises(pl.NoUsableRecordsError, match=r"junk\.array_record: 4 records in a row"):
+        next(iter(ds))
+    # One good record among the broken ones keeps the stream going.
+    path = _write_array_record(tmp_path / "mixed.array_record", [b"not a record", data["records"][0]])
+    it = iter(pl.train_dataset([path], pl.ExampleSpec(stage="sync", train=True), batch_size=1, seed=0))
+    assert [len(next(it)["meta"]["clip_id"]) for _ in range(20)] == [1] * 20
+
+
 def test_damaged_array_record_bytes_do_not_stop_the_pipeline(data, tmp_path):
     """A flipped byte inside the second record's chunk of an ArrayRecord file."""
     good = data["records"][:3]

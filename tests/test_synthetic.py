@@ -71,3 +71,60 @@ def test_fixed_offsets_fit_the_clip():
             assert vstart + off >= -1e-9 and vstart + off + 5.0 <= duration + 1e-9
             assert abs(vstart * 25 - round(vstart * 25)) < 1e-6
         assert max(abs(o) for o in offs) == min(2.0, duration - 5.0)
+
+
+def _onset_profile(frames, audio):
+    bright = frames.reshape(frames.shape[0], -1).mean(axis=1)
+    rms = np.sqrt(np.mean(audio.reshape(-1, 640) ** 2, axis=1))  # one value per video frame
+    return bright, rms
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_onset_clip_lamp_and_hum_start_in_the_same_frame(seed):
+    frames, audio, events = synthetic.make_clip(seed, duration_sec=7.4, height=48, width=48, cue="onset")
+    assert len(events) == 1 and events[0]["kind"] == "onset"
+    k = events[0]["frame"]
+    lo, hi = synthetic.onset_range_sec(7.4)
+    assert lo <= events[0]["time_sec"] <= hi
+    bright, rms = _onset_profile(frames, audio)
+    # Off before the onset frame, on from it: a step in both streams at the same frame.
+    assert bright[k] > bright[k - 1] + 20 and rms[k] > 4 * rms[k - 1]
+    assert np.all(bright[k:] > bright[:k].max()) and np.all(rms[k:] > 3 * rms[:k].max())
+
+
+@pytest.mark.parametrize("duration,inside", [(7.4, 1.0), (10.0, 0.85)])
+def test_onset_range_lies_inside_the_windows(duration, inside):
+    """7.4-s clips: inside the segments of every stage-II window; 10-s clips (long enough
+    for stage I): inside most of them."""
+    from synchformer_jax.input import transforms
+
+    lo, hi = synthetic.onset_range_sec(duration)
+    v_len, a_len = int(duration * 25), int(duration * 16000)
+    rng = np.random.default_rng(0)
+    held = []
+    for _ in range(400):
+        crop = transforms.temporal_crop_and_offset(v_len, a_len, rng=rng)
+        # The centred segments cover frames [2, 122) of the 125-frame crop.
+        v0, v1 = (crop.v_start_i + 2) / 25, (crop.v_start_i + 122) / 25
+        a0, a1 = (crop.a_start_i + 2 * 640) / 16000, (crop.a_start_i + 122 * 640) / 16000
+        t = rng.uniform(lo, hi)
+        held.append(v0 < t < v1 and a0 < t < a1)
+    assert np.mean(held) >= inside
+    with pytest.raises(ValueError, match="cannot hold"):
+        synthetic.onset_range_sec(6.0)
+
+
+def test_onset_clip_with_events_and_cue_free_distractor():
+    frames, audio, events = synthetic.make_clip_with_events(2, [3.0], duration_sec=6.0, height=40, width=40,
+                                                            cue="onset")
+    assert events[0]["frame"] == 75
+    bright, rms = _onset_profile(frames, audio)
+    assert bright[75] > bright[74] + 20 and rms[75] > 4 * rms[74]
+    frames, audio, events = synthetic.make_clip_with_events(2, [], duration_sec=6.0, height=40, width=40,
+                                                            cue="onset")
+    bright, rms = _onset_profile(frames, audio)
+    assert events == [] and np.abs(np.diff(bright)).max() < 10 and rms.max() < 0.1
+    with pytest.raises(ValueError, match="at most one"):
+        synthetic.make_clip_with_events(2, [1.0, 2.0], duration_sec=6.0, cue="onset")
+    with pytest.raises(ValueError, match="cue must be"):
+        synthetic.make_clip(2, duration_sec=6.0, cue="blink")

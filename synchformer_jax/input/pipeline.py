@@ -94,7 +94,7 @@ from synchformer_jax.input.sources import (ArrayRecordSource, Broken, TFRecordIn
 
 __all__ = [
     "STAGES", "SegmentLayout", "ExampleSpec", "decode_video_bytes", "process_record",
-    "collate", "SkipReport", "train_dataset", "eval_dataset", "tfrecord_train_dataset", "tfrecord_eval_dataset",
+    "collate", "SkipReport", "NoUsableRecordsError", "train_dataset", "eval_dataset", "tfrecord_train_dataset", "tfrecord_eval_dataset",
     "read_fixed_offsets_csv", "assemble_on_device", "Stage1Augment", "mark_absl_flags_parsed",
 ]
 
@@ -363,10 +363,17 @@ def collate(examples: Sequence[Dict[str, Any]], pad_to: Optional[int] = None,
 # ----------------------------------------------------------------- skipping broken ones
 
 
+class NoUsableRecordsError(ValueError):
+    """Every record of a whole pass over the data was broken or unusable."""
+
+
 class _DropBrokenIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, give_up_after: Optional[int] = None, data: str = ""):
         super().__init__(parent)
         self._pending: List[str] = []
+        self._give_up_after = give_up_after
+        self._data = data
+        self._broken_in_a_row = 0
 
     def __next__(self):
         while True:
@@ -374,7 +381,15 @@ class _DropBrokenIterator(grain.DatasetIterator):
             if isinstance(x, Broken):
                 _log.warning("skipping broken record: %s: %s", x.where, x.error)
                 self._pending.append(f"{x.where}: {x.error}")
+                self._broken_in_a_row += 1
+                # A repeating training stream whose every record fails (clips too short
+                # for the stage, say) would otherwise skip forever.
+                if self._give_up_after and self._broken_in_a_row >= self._give_up_after:
+                    raise NoUsableRecordsError(
+                        f"{self._data}: {self._broken_in_a_row} records in a row (twice the data set) "
+                        f"could not be used; the last: {x.where}: {x.error}")
                 continue
+            self._broken_in_a_row = 0
             if self._pending:
                 x = dict(x)
                 x["meta"] = dict(x["meta"], skipped=self._pending)
@@ -394,11 +409,12 @@ class _DropBrokenIterator(grain.DatasetIterator):
 class _DropBroken(grain.IterDataset):
     """Removes `Broken` markers; their descriptions ride on the next example's meta."""
 
-    def __init__(self, parent: grain.IterDataset):
+    def __init__(self, parent: grain.IterDataset, give_up_after: Optional[int] = None, data: str = ""):
         super().__init__(parent)
+        self._give_up_after, self._data = give_up_after, data
 
     def __iter__(self):
-        return _DropBrokenIterator(self._parent.__iter__())
+        return _DropBrokenIterator(self._parent.__iter__(), self._give_up_after, self._data)
 
 
 class SkipReport:
@@ -496,14 +512,19 @@ class _EvalProcess:
 
 
 def _finish(ds: grain.IterDataset, batch_fn, batch_size: int, drop_remainder: bool,
-            num_workers: int, per_worker_buffer: int) -> grain.IterDataset:
-    ds = _DropBroken(ds)
+            num_workers: int, per_worker_buffer: int, give_up_after: Optional[int] = None,
+            data: str = "") -> grain.IterDataset:
+    ds = _DropBroken(ds, give_up_after, data)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=batch_fn)
     if num_workers > 0:
         mark_absl_flags_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
                                                          per_worker_buffer_size=per_worker_buffer))
     return ds
+
+
+def _describe(paths: Sequence[str]) -> str:
+    return paths[0] if len(paths) == 1 else f"{len(paths)} shards ({paths[0]}, ...)"
 
 
 def _check_host(process_index: int, process_count: int):
@@ -528,7 +549,10 @@ def train_dataset(paths, spec: ExampleSpec, *, batch_size: int, seed: int,
     ds = ds.map_with_index(_with_index).random_map(_IndexedRandomProcess(spec, augment))
     ds = ds[process_index::process_count]
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size))
-    return _finish(it, collate, batch_size, True, num_workers, per_worker_buffer)
+    return _finish(it, collate, batch_size, True, num_workers, per_worker_buffer,
+                   # Runs of broken records can straddle two reshuffled epochs (and a host sees
+                   # only its slice), so only twice the whole data set in a row means none is usable.
+                   give_up_after=2 * len(src), data=_describe(src.paths))
 
 
 def eval_dataset(paths, spec: ExampleSpec, *, batch_size: int, seed: int = 0, rounds: int = 1,
