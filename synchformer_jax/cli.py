@@ -293,7 +293,7 @@ def _apply_split(config, split: str):
     if split == "valid":
         return config
     if "test" not in config:
-        raise ConfigError(f"--split test: the config has no `test` group (shards, rounds, fixed_offsets)")
+        raise ConfigError("--split test: the config has no `test` group (shards, rounds, fixed_offsets)")
     with config.unlocked():
         config.data.eval_shards = config.test.shards
         config.data.eval_rounds = config.test.rounds

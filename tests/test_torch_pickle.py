@@ -8,7 +8,6 @@ corrupted files are built here from pickle opcodes and the documented file layou
 from __future__ import annotations
 
 import ast
-import io
 import json
 import math
 import os

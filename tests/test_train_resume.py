@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-from synchformer_jax import checkpoint, experiment, train
+from synchformer_jax import checkpoint, experiment
 from tests import train_helpers as th
 
 NUM_STEPS = 6
