@@ -44,7 +44,7 @@ __all__ = [
     "DESYNC_FRAMES", "DESYNC_SAMPLES", "DESYNC_SEGMENTS", "desync_resize_crop", "desync_window_starts",
     "desync_video_features", "desync_audio_input", "DesyncResult", "desync_from_features",
     "desync", "DesyncScorer", "center_crop", "video_feature_bank", "search_logits",
-    "placement_scores", "Placement", "place_audio",
+    "placement_scores", "combine_chunk_scores", "Placement", "place_audio",
 ]
 
 VIDEO_FPS = transforms.VIDEO_FPS  # 25
@@ -564,7 +564,10 @@ class Placement:
 
     `best_sec` is the estimated start of the query in the video; `starts_sec [P]` the
     candidate query starts with their `scores [P]`; `logits [P, K]` those of the windows
-    (window i starts `pad_sec` before candidate i).
+    of the query's first 4.8-s chunk (window i starts `pad_sec` before candidate i).
+    A query longer than one window is scored in chunks: `chunk_starts_sec [C]` (query
+    time) and `chunk_scores [C, P]` (each chunk's score for the query starting at
+    `starts_sec`); `scores` is their mean. One chunk (`[0.]`) for queries up to 4.8 s.
     """
 
     best_sec: float
@@ -574,6 +577,8 @@ class Placement:
     pad_sec: float
     method: str
     num_video_segments: int  # extractor calls spent on the video (bank entries)
+    chunk_starts_sec: np.ndarray
+    chunk_scores: np.ndarray
 
 
 def _query_window(query: np.ndarray, n_segments: int) -> tuple[np.ndarray, int]:
@@ -587,6 +592,34 @@ def _query_window(query: np.ndarray, n_segments: int) -> tuple[np.ndarray, int]:
     wave = np.zeros(need, np.float32)
     wave[left:left + query.shape[0]] = query
     return wave, pad_frames
+
+
+def _query_chunks(query: np.ndarray, n_segments: int, step_frames: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Query audio -> `(waves [C, window samples], chunk start frames [C], pad frames)`.
+
+    Up to one window: the single (centred, zero-padded) window of `_query_window`.
+    Longer: back-to-back 4.8-s chunks from the start plus one flush with the end, every
+    chunk start on the `step_frames` grid (the last < step frames of audio are dropped),
+    so that each chunk's window is a candidate window of the same feature bank.
+    """
+    span_frames, need = window_sample_count(n_segments)
+    query = np.asarray(query, np.float32)
+    if query.shape[0] <= need:
+        wave, pad = _query_window(query, n_segments)
+        return wave[None], np.zeros(1, np.int64), pad
+    last = ((query.shape[0] // SAMPLES_PER_FRAME - span_frames) // step_frames) * step_frames
+    starts = np.array(sorted(set(range(0, last, span_frames)) | {last}), np.int64)
+    waves = np.stack([query[f * SAMPLES_PER_FRAME: f * SAMPLES_PER_FRAME + need] for f in starts])
+    return waves, starts, 0
+
+
+def combine_chunk_scores(chunk_scores: np.ndarray, chunk_frames: np.ndarray, step_frames: int,
+                         num_candidates: int) -> np.ndarray:
+    """`[C, W]` per-window placement scores of C query chunks -> `[C, P]` aligned to the
+    query start: chunk c of a query starting at candidate p sits at window
+    `p + chunk_frames[c] / step_frames`."""
+    idx = np.asarray(chunk_frames, np.int64) // step_frames
+    return np.stack([np.asarray(sc)[i:i + num_candidates] for sc, i in zip(chunk_scores, idx)])
 
 
 def place_audio(model, params: Params, frames: np.ndarray, query: np.ndarray, *,
@@ -614,10 +647,14 @@ def place_audio(model, params: Params, frames: np.ndarray, query: np.ndarray, *,
     a coarse pass at 8 then a fine pass around the best candidate is the cheap recipe.
     Memory: the bank is `[P + 104, 8, D]` float32 (25 KB per entry at D = 768).
 
-    The query: its first 4.8 s (the span of 14 segments) is used; a shorter query is
-    zero-padded on both sides to 4.8 s (the pad is a whole number of frames) and the
-    reported start is that of the query itself, not of the padded window. A 1-s query
-    fills a fifth of the window, so expect flatter scores than for a full window.
+    The query: a shorter one than 4.8 s (the span of 14 segments) is zero-padded on both
+    sides to 4.8 s (the pad is a whole number of frames) and the reported start is that
+    of the query itself, not of the padded window; a 1-s query fills a fifth of the
+    window, so expect flatter scores than for a full window. A longer query is cut into
+    4.8-s chunks (back to back, plus one flush with its end; `_query_chunks`); each chunk
+    is scored against the same bank, and a candidate's score is the mean of its chunks'
+    scores at their places (`combine_chunk_scores`), so more audio sharpens the search
+    at the cost of one audio window and P compare calls per chunk.
 
     Args:
       frames: contract frames uint8 `[T, H, W, 3]` (centre-cropped here), 25 fps.
@@ -633,11 +670,13 @@ def place_audio(model, params: Params, frames: np.ndarray, query: np.ndarray, *,
     frames = np.asarray(frames)
     if frames.shape[1] != config.video.img_size or frames.shape[2] != config.video.img_size:
         frames = center_crop(frames, config.video.img_size)
-    wave, pad_frames = _query_window(query, n_seg)
+    waves, chunk_frames, pad_frames = _query_chunks(query, n_seg, step_frames)
+    q_last = int(chunk_frames[-1])  # query-local start of the last chunk
     span_frames, _ = window_sample_count(n_seg)
-    last_t = frames.shape[0] - span_frames  # last window start (frame)
+    last_t = frames.shape[0] - span_frames - q_last  # last candidate start (frame)
     if last_t < 0:
-        raise ValueError(f"the video has {frames.shape[0]} frames, fewer than one window ({span_frames})")
+        raise ValueError(f"the video has {frames.shape[0]} frames, fewer than the query's span "
+                         f"({span_frames + q_last} frames)")
     lo, hi = 0, last_t
     if around_sec is not None:
         r = (radius_sec if radius_sec is not None else 2.0) + config.sync.max_offset_sec * (method == "vote")
@@ -645,19 +684,24 @@ def place_audio(model, params: Params, frames: np.ndarray, query: np.ndarray, *,
         lo, hi = max(0, centre - int(round(r * VIDEO_FPS))), min(last_t, centre + int(round(r * VIDEO_FPS)))
         if lo > hi:
             raise ValueError(f"no window around {around_sec} s fits into the video")
-    num_windows = (hi - lo) // step_frames + 1
+    num_candidates = (hi - lo) // step_frames + 1
+    num_windows = num_candidates + q_last // step_frames  # the last chunk's windows too
     hop = SEGMENT_STEP_FRAMES // max(1, step_frames)
     bank = video_feature_bank(model, params, frames, first_frame=lo, step_frames=step_frames,
                               num_starts=num_windows + hop * (n_seg - 1), chunk_size=chunk_size)
     starts = np.arange(n_seg) * SEGMENT_STEP_SAMPLES
-    spec = melspec.log_mel_np(wave[starts[:, None] + np.arange(SEGMENT_SAMPLES)[None]])
-    afeat = _jitted_audio_features(model)(params, jnp.asarray(spec[None]))[0]
+    spec = melspec.log_mel_np(waves[:, starts[:, None] + np.arange(SEGMENT_SAMPLES)[None]])
+    afeats = _jitted_audio_features(model)(params, jnp.asarray(spec))  # [C, S, 6, D]
     compare_fn = functools.partial(sf.compare, model, params)
-    logits = jax.jit(functools.partial(search_logits, compare_fn, num_windows=num_windows,
-                                       step_frames=step_frames, n_segments=n_seg, batch=batch))(bank, afeat)
-    logits = np.asarray(logits)
-    scores = placement_scores(logits, offset_grid(config), step_frames=step_frames, method=method)
-    window_starts = lo + step_frames * np.arange(num_windows)
+    search = jax.jit(functools.partial(search_logits, compare_fn, num_windows=num_windows,
+                                       step_frames=step_frames, n_segments=n_seg, batch=batch))
+    chunk_logits = [np.asarray(search(bank, afeats[c])) for c in range(len(chunk_frames))]
+    per_window = [placement_scores(lg, offset_grid(config), step_frames=step_frames, method=method)
+                  for lg in chunk_logits]
+    chunk_scores = combine_chunk_scores(per_window, chunk_frames, step_frames, num_candidates)
+    scores = chunk_scores.mean(axis=0)
+    logits = chunk_logits[0][:num_candidates]
+    window_starts = lo + step_frames * np.arange(num_candidates)
     starts_sec = (window_starts + pad_frames) / VIDEO_FPS
     if around_sec is not None and radius_sec is not None:  # the vote margin is not a candidate
         keep = np.abs(starts_sec - around_sec) <= radius_sec + 1e-9
@@ -665,4 +709,4 @@ def place_audio(model, params: Params, frames: np.ndarray, query: np.ndarray, *,
             scores = np.where(keep, scores, -np.inf)
     best = int(np.argmax(scores))
     return Placement(float(starts_sec[best]), starts_sec, scores, logits, pad_frames / VIDEO_FPS, method,
-                     int(bank.shape[0]))
+                     int(bank.shape[0]), chunk_frames / VIDEO_FPS, chunk_scores)

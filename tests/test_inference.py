@@ -318,6 +318,44 @@ def test_search_finds_a_planted_position_with_a_known_scorer(step, method):
     assert int(np.argmax(logits[0])) == 20 and int(np.argmax(logits[-1])) == 0
 
 
+def test_chunk_scores_align_on_the_query_start():
+    """Chunk c of a query planted at candidate p peaks at window p + q_c / step; aligned,
+    every chunk peaks at p, and so does their mean."""
+    step, planted, num_candidates = 4, 9, 20
+    chunk_frames = np.array([0, 120, 172])
+    windows = num_candidates + chunk_frames[-1] // step
+    per_window = np.full((3, windows), -5.0)
+    for c, q in enumerate(chunk_frames):
+        per_window[c, planted + q // step] = 0.0
+    aligned = inference.combine_chunk_scores(per_window, chunk_frames, step, num_candidates)
+    assert aligned.shape == (3, num_candidates)
+    assert all(int(np.argmax(row)) == planted for row in aligned)
+
+
+def test_place_audio_long_query_is_the_mean_of_its_chunks(micro):
+    """A 7-s query: two 4.8-s chunks (0 and 2.08 s, on the 4-frame grid); each chunk's
+    scores equal a search with that chunk alone, shifted by its start, and the
+    placement score is their mean."""
+    model, params = micro
+    rng = np.random.default_rng(6)
+    frames = rng.integers(0, 256, (200, 32, 40, 3), np.uint8)
+    query = rng.standard_normal(112000).astype(np.float32) * 0.3  # 175 frames
+    res = inference.place_audio(model, params, frames, query, step_frames=4)
+    np.testing.assert_allclose(res.chunk_starts_sec, [0.0, 52 / 25])
+    num_candidates = (200 - 120 - 52) // 4 + 1
+    assert res.scores.shape == (num_candidates,) and res.chunk_scores.shape == (2, num_candidates)
+    assert res.pad_sec == 0 and res.logits.shape == (num_candidates, 21)
+    np.testing.assert_allclose(res.starts_sec, 4 * np.arange(num_candidates) / 25)
+    for c, first in enumerate((0, 52)):
+        alone = inference.place_audio(model, params, frames, query[first * 640: first * 640 + 76800], step_frames=4)
+        np.testing.assert_allclose(res.chunk_scores[c], alone.scores[first // 4: first // 4 + num_candidates],
+                                   rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(res.scores, res.chunk_scores.mean(0), rtol=1e-6)
+    assert res.best_sec == res.starts_sec[int(np.argmax(res.scores))]
+    with pytest.raises(ValueError, match="fewer than the query's span"):
+        inference.place_audio(model, params, frames[:160], query, step_frames=4)
+
+
 def test_place_audio_bank_windows_equal_independent_forwards(micro, full_forward):
     """The real (micro) model: each searched window's logits equal the full model on the
     window's frames and the padded query; the bank holds P + 13 * hop segments."""
