@@ -90,11 +90,27 @@ def expand_inputs(paths: Sequence[str]) -> list[tuple[str, Optional[str]]]:
 # ----------------------------------------------------------------------- models
 
 
-@functools.lru_cache(maxsize=8)
-def _jitted(config, kind: str, topk: int) -> Callable:
-    """Jitted `(params, frames uint8 [B, L, h, w, 3], audio [B, S, 1, F, T])` for one model;
-    cached so that repeated runs in one process compile once per batch shape."""
+def local_mesh(num_devices: Optional[int] = None):
+    """A 1-D `data` mesh over the first `num_devices` local devices (default: all). Each
+    process scores its own files, so prediction never spans hosts."""
     import jax
+    from jax.sharding import Mesh
+
+    devices = jax.local_devices()
+    if num_devices is not None:
+        if not 1 <= num_devices <= len(devices):
+            raise PredictError(f"--devices {num_devices}: this process has {len(devices)} local device(s)")
+        devices = devices[:num_devices]
+    return Mesh(np.array(devices), ("data",))
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted(config, kind: str, topk: int, mesh) -> Callable:
+    """Jitted `(params, frames uint8 [B, L, h, w, 3], audio [B, S, 1, F, T])` for one model,
+    data parallel over `mesh` (params replicated, windows split along the batch); cached
+    so that repeated runs in one process compile once per batch shape."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
 
     from synchformer_jax import inference
     from synchformer_jax.models.synchformer import Synchformer
@@ -111,14 +127,18 @@ def _jitted(config, kind: str, topk: int) -> Callable:
         video = inference.segments_from_frames(frames, n_seg)
         return inference.synchronizability_logits(model, params, video, audio)
 
-    return jax.jit(offset_fn if kind == "offset" else sync_fn)
+    batch = NamedSharding(mesh, PartitionSpec("data"))
+    return jax.jit(offset_fn if kind == "offset" else sync_fn,
+                   in_shardings=(NamedSharding(mesh, PartitionSpec()), batch, batch), out_shardings=batch)
 
 
 class PredictModel:
-    """One loaded checkpoint: config, params on the device, its jitted scorer."""
+    """One loaded checkpoint: config, params replicated on the devices of `mesh` (default:
+    all local devices), its jitted data-parallel scorer."""
 
-    def __init__(self, path: str, overrides: dict[str, Any], role: str, topk: int, *, loaded=None):
+    def __init__(self, path: str, overrides: dict[str, Any], role: str, topk: int, *, loaded=None, mesh=None):
         import jax
+        from jax.sharding import NamedSharding, PartitionSpec
 
         from synchformer_jax import inference, pretrained
         from synchformer_jax.models.config import HEAD_OFFSET, HEAD_SYNCHRONIZABILITY, KIND_SYNC
@@ -134,17 +154,20 @@ class PredictModel:
                                              f"model, this one has the {config.sync.head!r} head")
         self.path, self.config = path, config
         self.kind = "offset" if config.sync.head == HEAD_OFFSET else "sync"
-        self.params = jax.device_put(loaded.params)
-        self.fn = _jitted(config, self.kind, topk)
+        self.mesh = mesh if mesh is not None else local_mesh()
+        self.num_devices = int(self.mesh.size)
+        self.params = jax.device_put(loaded.params, NamedSharding(self.mesh, PartitionSpec()))
+        self.fn = _jitted(config, self.kind, topk, self.mesh)
         self.grid = inference.offset_grid(config)
         self.window_sec = _crop_len(config)
 
     @classmethod
-    def from_params(cls, name: str, config, params, role: str = "main", topk: int = 5) -> "PredictModel":
+    def from_params(cls, name: str, config, params, role: str = "main", topk: int = 5,
+                    mesh=None) -> "PredictModel":
         """A model already in memory (library use, benchmarks)."""
         from synchformer_jax import pretrained
 
-        return cls(name, {}, role, topk, loaded=pretrained.LoadedModel(config, params, {}, []))
+        return cls(name, {}, role, topk, loaded=pretrained.LoadedModel(config, params, {}, []), mesh=mesh)
 
     def describe(self) -> dict[str, Any]:
         c = self.config
@@ -169,14 +192,17 @@ def _crop_len(config) -> float:
 # ---------------------------------------------------------------------- batching
 
 
-def _bucket(n: int, batch_size: int) -> int:
-    """Padded batch size: a power of two up to `batch_size` (few compiled shapes)."""
-    return min(batch_size, 1 << max(0, math.ceil(math.log2(max(1, n)))))
+def _bucket(n: int, batch_size: int, num_devices: int = 1) -> int:
+    """Padded global batch for `n` windows: `num_devices` x a power of two up to
+    `batch_size` windows per device (few compiled shapes, an equal share per device)."""
+    per_device = -(-max(1, n) // num_devices)
+    return num_devices * min(batch_size, 1 << max(0, math.ceil(math.log2(per_device))))
 
 
 class _Batcher:
-    """Collects windows of one model, runs full batches, keeps one batch in flight so
-    that the host prepares the next batch while the device computes."""
+    """Collects windows of one model, runs full batches (`batch_size` windows per device),
+    keeps one batch in flight so that the host prepares the next batch while the devices
+    compute."""
 
     def __init__(self, model: PredictModel, batch_size: int, deliver: Callable[[Any, dict], None]):
         self.model, self.batch_size, self.deliver = model, batch_size, deliver
@@ -189,14 +215,14 @@ class _Batcher:
         self.keys.append(key)
         self.frames.append(frames)
         self.audio.append(audio)
-        if len(self.keys) >= self.batch_size:
+        if len(self.keys) >= self.batch_size * self.model.num_devices:
             self._dispatch()
 
     def _dispatch(self) -> None:
         if not self.keys:
             return
         n = len(self.keys)
-        size = _bucket(n, self.batch_size)
+        size = _bucket(n, self.batch_size, self.model.num_devices)
         frames = np.stack(self.frames + [np.zeros_like(self.frames[0])] * (size - n))
         audio = np.stack(self.audio + [np.zeros_like(self.audio[0])] * (size - n))
         out = self.model.fn(self.model.params, frames, audio)  # asynchronous dispatch
@@ -480,13 +506,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     stride = DEFAULT_STRIDE_SEC if args.stride_sec is None else args.stride_sec
     if stride <= 0:
         return usage("--stride-sec must be > 0")
-    main = PredictModel(args.checkpoint, _parse_overrides(args.set), "main", args.topk)
+    try:
+        mesh = local_mesh(args.devices)
+    except PredictError as e:
+        return usage(str(e))
+    main = PredictModel(args.checkpoint, _parse_overrides(args.set), "main", args.topk, mesh=mesh)
     models = [main]
     if args.sync_checkpoint:
         if main.kind == "sync":
             return usage(f"{args.checkpoint} is already a synchronizability model; give an offset model as "
                          "--checkpoint to use --sync-checkpoint")
-        models.append(PredictModel(args.sync_checkpoint, _parse_overrides(args.sync_set), "sync", args.topk))
+        models.append(PredictModel(args.sync_checkpoint, _parse_overrides(args.sync_set), "sync", args.topk,
+                                   mesh=mesh))
     settings = make_settings(v_start_sec=args.v_start_sec, offset_sec=args.offset_sec, stride_sec=stride,
                              topk=args.topk, batch_size=args.batch_size, max_duration_sec=args.max_duration_sec)
     offset_model = next((m for m in models if m.kind == "offset"), None)
@@ -542,6 +573,8 @@ def add_predict_parser(sub) -> None:
                    help=f"sliding windows every this many seconds (default {DEFAULT_STRIDE_SEC})")
     p.add_argument("--topk", type=_positive_int, default=5, help="offset classes listed per window (default 5)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="windows per device batch (default 8)")
+    p.add_argument("--devices", type=_positive_int,
+                   help="data parallel over the first N local devices (default: all of them)")
     p.add_argument("--workers", type=int, default=2, help="decoding threads running ahead of the model")
     p.add_argument("--max-duration-sec", type=float, help="use at most this much of each video")
     out = p.add_mutually_exclusive_group()

@@ -202,17 +202,22 @@ def test_bad_inputs_get_one_line_errors_and_the_rest_is_scored(batch_run):
 
 
 def test_sliding_windows_batched_across_videos_match_single_windows(batch_run, models):
-    """Windows of two videos shared device batches (3 + 5 windows, batch 4); each one's
-    offset logits and p(sync) equal the same models on `window_inputs` of that window."""
+    """Windows of two videos shared device batches (3 + 5 windows, batch 4 per device,
+    split over the 8 test devices); each one's offset logits and p(sync) equal the same
+    models on `window_inputs` of that window, run data parallel over all 8 devices and
+    on one device."""
     records = {json.loads(ln)["path"]: json.loads(ln) for ln in batch_run["out"].splitlines()}
     from synchformer_jax import media
 
     off = pretrained.load_model(models["offset"])
     syn = pretrained.load_model(models["sync"])
-    # The functions the command compiled for batch 4 (same cache entry: no recompile), fed
-    # here one window at a time (repeated 4x), with inputs made independently.
-    off_fn = predict._jitted(off.config, "offset", 3)
-    syn_fn = predict._jitted(syn.config, "sync", 3)
+    # The functions the command compiled (same cache entry: no recompile), fed here one
+    # window at a time (repeated 8x), with inputs made independently; and the same on
+    # a one-device mesh (repeated 4x).
+    all_devices, one_device = predict.local_mesh(), predict.local_mesh(1)
+    assert all_devices.size == jax.local_device_count() == 8 and one_device.size == 1
+    off_fns = [(predict._jitted(off.config, "offset", 3, m), n) for m, n in ((all_devices, 8), (one_device, 4))]
+    syn_fns = [(predict._jitted(syn.config, "sync", 3, m), n) for m, n in ((all_devices, 8), (one_device, 4))]
     off_params, syn_params = jax.device_put(off.params), jax.device_put(syn.params)
     # b: 205 frames, but the official EqualifyFromRight keeps int(25 * 8.2) = 204, so the
     # window that ends with the video starts at frame 79 (3.16 s), not 80.
@@ -226,11 +231,13 @@ def test_sliding_windows_batched_across_videos_match_single_windows(batch_run, m
             x = inference.window_inputs(clip.frames, clip.audio, t, config=off.config)
             y = inference.window_inputs(clip.frames, clip.audio, t, config=syn.config)
             assert x.frames.shape == (120, 32, 32, 3) and y.frames.shape == (112, 32, 32, 3)
-            logits, _ = off_fn(off_params, np.stack([x.frames] * 4), np.stack([x.audio] * 4))
-            np.testing.assert_allclose(w["logits"], np.asarray(logits)[0], atol=1e-5)
-            sync_logits = np.asarray(syn_fn(syn_params, np.stack([y.frames] * 4), np.stack([y.audio] * 4)))[0]
-            p = math.exp(sync_logits[1]) / (math.exp(sync_logits[0]) + math.exp(sync_logits[1]))
-            assert w["sync_prob"] == pytest.approx(p, abs=1e-6)
+            for off_fn, n in off_fns:
+                logits, _ = off_fn(off_params, np.stack([x.frames] * n), np.stack([x.audio] * n))
+                np.testing.assert_allclose(w["logits"], np.asarray(logits)[0], atol=1e-5)
+            for syn_fn, n in syn_fns:
+                sync_logits = np.asarray(syn_fn(syn_params, np.stack([y.frames] * n), np.stack([y.audio] * n)))[0]
+                p = math.exp(sync_logits[1]) / (math.exp(sync_logits[0]) + math.exp(sync_logits[1]))
+                assert w["sync_prob"] == pytest.approx(p, abs=1e-6)
             assert w["offset_applied_sec"] == 0.0 and w["offset_applied_class"] == 10
 
 
@@ -257,6 +264,8 @@ def test_usage_errors(models, batch_run, capsys):
     assert rc == 2 and err.count("\n") == 1 and "synchronizability" in err and str(models["offset"]) in err
     rc, out, err = run_cli([batch_run["a"], "--checkpoint", batch_run["folder"] / "nothing"], capsys)
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1
+    rc, out, err = run_cli([batch_run["a"], "--checkpoint", models["offset"], "--devices", 9], capsys)
+    assert rc == 2 and err == "error: --devices 9: this process has 8 local device(s)\n" and not out
 
 
 def test_one_window_that_does_not_fit_is_an_error_for_that_file(batch_run, models, capsys):
