@@ -14,8 +14,9 @@ frozen extractors over the 21-class offset grid (-2.0 ... +2.0 s).
 
 `get_config("sync,fast")` / `"segment_avclip,fast"`: the `--fast` step budget.
 Usable directly as an ml_collections config file (`configs/demo.py:sync`); the demo
-itself adds the shared synthetic folder, stage I's from-scratch init folder and stage
-II's `init_from` (synchformer_jax/demo.py).
+itself adds the shared synthetic folder, stage I's from-scratch init folder, stage II's
+`init_from` and the feature cache folder inside its workdir, and builds the cache
+between the stages (synchformer_jax/demo.py).
 """
 from synchformer_jax import experiment
 from synchformer_jax.models.config import tiny_config

@@ -510,9 +510,10 @@ def isolated_event_check(model_dir: str | os.PathLike, *, seed: int = 0, event_t
     """Does the attribution of a (demo-trained) model peak at a lone synthetic event?
 
     Renders a 10 s synthetic clip with exactly one event at `event_time_sec` (clip
-    time; `kind="onset"`: the demo's lamp switching on, else a flash/bounce/collide with
-    `sound`), masks with a cue-free synthetic distractor of the same family, and compares each stream's
-    highest-scoring interval with the interval holding the event onset. A peak counts
+    time; `kind="onset"`: the demo's lamp switching on, else a flash/bounce/collide
+    with `sound`), masks with a cue-free synthetic distractor of the same family, and
+    compares each stream's highest-scoring interval with the interval holding the event
+    onset. A peak counts
     as at the event when it is within `peak_window` intervals of the onset (-1..+2:
     the flash fades over 4 frames and the sound decays over up to 0.3 s after the
     onset). Returns a JSON-able report with `passed`.

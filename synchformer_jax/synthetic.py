@@ -21,6 +21,12 @@ One clip (`make_clip(seed)`), deterministic from the seed:
 Event times sit on the video frame grid (multiples of 0.04 s), so the visual contact
 frame and the audio onset are exactly simultaneous in the unshifted clip.
 
+`cue="onset"` (the CPU demo's clips, configs/demo.py) replaces the events by one onset
+that persists: a large lamp switches on for good and its hum (a harmonic tone) starts in
+the same frame, over the same drifting background and silent square. The tiny demo
+model learns this within minutes, where the sparse events keep it on its loss plateau
+(docs/benchmarks.md "Stage-II plateau").
+
 `make_dataset` encodes each clip's frames as H.264 mp4 in memory (PyAV / libx264),
 wraps it with the PCM in a `records.ClipRecord` and writes shards through the same
 writer as real data (`input.shards`). Evaluation records carry a

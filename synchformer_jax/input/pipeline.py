@@ -94,7 +94,8 @@ from synchformer_jax.input.sources import (ArrayRecordSource, Broken, TFRecordIn
 
 __all__ = [
     "STAGES", "SegmentLayout", "ExampleSpec", "decode_video_bytes", "process_record",
-    "collate", "SkipReport", "NoUsableRecordsError", "train_dataset", "eval_dataset", "tfrecord_train_dataset", "tfrecord_eval_dataset",
+    "collate", "SkipReport", "NoUsableRecordsError", "train_dataset", "eval_dataset", "tfrecord_train_dataset",
+    "tfrecord_eval_dataset",
     "read_fixed_offsets_csv", "assemble_on_device", "Stage1Augment", "mark_absl_flags_parsed",
 ]
 
@@ -364,7 +365,7 @@ def collate(examples: Sequence[Dict[str, Any]], pad_to: Optional[int] = None,
 
 
 class NoUsableRecordsError(ValueError):
-    """Every record of a whole pass over the data was broken or unusable."""
+    """A repeating training stream met twice its data set's size of unusable records in a row."""
 
 
 class _DropBrokenIterator(grain.DatasetIterator):
