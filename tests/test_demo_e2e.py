@@ -71,3 +71,15 @@ def test_demo_end_to_end_with_resume(tmp_path):
     manifest = json.loads((tmp_path / "feature_cache" / "manifest.json").read_text())
     assert manifest["num_clips"] == 8 and not manifest["skipped"]
     assert manifest["extractor_params_sha256"] == feature_cache.extractor_params_sha256(loaded.params)
+
+
+def test_demo_command_overrides(tmp_path, capsys):
+    """`demo --set` reaches both stage configs (or one, by prefix); an unknown field is a
+    usage error before any work starts."""
+    from synchformer_jax import cli
+
+    c1, c2 = demo.stage_configs(fast=True, overrides={"seed": 7, "sync.train.num_steps": 5})
+    assert (c1.seed, c2.seed) == (7, 7) and c2.train.num_steps == 5 and c1.train.num_steps != 5
+    rc = cli.main(["demo", "--fast", "--workdir", str(tmp_path / "w"), "--set", "train.no_such_field=1"])
+    assert rc == 2 and "no_such_field" in capsys.readouterr().err
+    assert not (tmp_path / "w" / demo.SYNTHETIC_DIR).exists()
