@@ -398,7 +398,7 @@ def _add_demo_parser(sub) -> None:
                                     "held-out accuracy table and a model folder (<workdir>/model)")
     p.add_argument("--workdir", default="workdir/demo",
                    help="where the data, both runs, results.json and the model go (rerun to resume)")
-    p.add_argument("--fast", action="store_true", help="a few steps per stage: checks the set-up in ~1 minute "
+    p.add_argument("--fast", action="store_true", help="a few steps per stage: checks the set-up in ~1.5 minutes "
                                                         "(accuracy near chance)")
     p.add_argument("--config", help="demo config file (default: configs/demo.py of the source tree)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
