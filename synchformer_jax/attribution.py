@@ -524,15 +524,12 @@ def isolated_event_check(model_dir: str | os.PathLike, *, seed: int = 0, event_t
     loaded = pretrained.load_model(model_dir)
     model = Synchformer(loaded.config)
     size = clip_size or _demo_clip_size(loaded.config.video.img_size)
-    if kind == "onset":  # the CPU demo's cue: a lamp that switches on for good, with its hum
-        frames, audio, events = synthetic.make_clip_with_events(seed, [event_time_sec], height=size, width=size,
-                                                                cue=synthetic.CUE_ONSET)
-        d_frames, d_audio, _ = synthetic.make_clip_with_events(seed + 1, [], height=size, width=size,
-                                                               cue=synthetic.CUE_ONSET)
-    else:
-        frames, audio, events = synthetic.make_clip_with_events(seed, [event_time_sec], height=size, width=size,
-                                                                kinds=[kind], sounds=[sound])
-        d_frames, d_audio, _ = synthetic.make_clip_with_events(seed + 1, [], height=size, width=size)
+    # "onset": the CPU demo's cue (a lamp that switches on for good, with its hum).
+    cue = synthetic.CUE_ONSET if kind == "onset" else synthetic.CUE_EVENTS
+    event = {} if cue == synthetic.CUE_ONSET else {"kinds": [kind], "sounds": [sound]}
+    frames, audio, events = synthetic.make_clip_with_events(seed, [event_time_sec], height=size, width=size,
+                                                            cue=cue, **event)
+    d_frames, d_audio, _ = synthetic.make_clip_with_events(seed + 1, [], height=size, width=size, cue=cue)
     result = attribute_clip(model, loaded.params, frames, audio, v_start_sec=v_start_sec, offset_sec=offset_sec,
                             distractor_frames=d_frames, distractor_audio=d_audio, num_samples=num_samples,
                             batch_size=batch_size, seed=seed, events=events)

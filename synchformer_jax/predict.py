@@ -94,14 +94,15 @@ def local_mesh(num_devices: Optional[int] = None):
     """A 1-D `data` mesh over the first `num_devices` local devices (default: all). Each
     process scores its own files, so prediction never spans hosts."""
     import jax
-    from jax.sharding import Mesh
+
+    from synchformer_jax.input.device import make_mesh
 
     devices = jax.local_devices()
     if num_devices is not None:
         if not 1 <= num_devices <= len(devices):
             raise PredictError(f"--devices {num_devices}: this process has {len(devices)} local device(s)")
         devices = devices[:num_devices]
-    return Mesh(np.array(devices), ("data",))
+    return make_mesh(devices=devices)
 
 
 @functools.lru_cache(maxsize=8)
@@ -112,7 +113,7 @@ def _jitted(config, kind: str, topk: int, mesh) -> Callable:
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from synchformer_jax import inference
+    from synchformer_jax import inference, sharding
     from synchformer_jax.models.synchformer import Synchformer
 
     model = Synchformer(config)
@@ -127,9 +128,9 @@ def _jitted(config, kind: str, topk: int, mesh) -> Callable:
         video = inference.segments_from_frames(frames, n_seg)
         return inference.synchronizability_logits(model, params, video, audio)
 
-    batch = NamedSharding(mesh, PartitionSpec("data"))
+    batch = NamedSharding(mesh, PartitionSpec(sharding.DATA))
     return jax.jit(offset_fn if kind == "offset" else sync_fn,
-                   in_shardings=(NamedSharding(mesh, PartitionSpec()), batch, batch), out_shardings=batch)
+                   in_shardings=(sharding.replicated(mesh), batch, batch), out_shardings=batch)
 
 
 class PredictModel:
@@ -138,9 +139,8 @@ class PredictModel:
 
     def __init__(self, path: str, overrides: dict[str, Any], role: str, topk: int, *, loaded=None, mesh=None):
         import jax
-        from jax.sharding import NamedSharding, PartitionSpec
 
-        from synchformer_jax import inference, pretrained
+        from synchformer_jax import inference, pretrained, sharding
         from synchformer_jax.models.config import HEAD_OFFSET, HEAD_SYNCHRONIZABILITY, KIND_SYNC
 
         loaded = loaded or pretrained.load_model(path, overrides=overrides)
@@ -156,7 +156,7 @@ class PredictModel:
         self.kind = "offset" if config.sync.head == HEAD_OFFSET else "sync"
         self.mesh = mesh if mesh is not None else local_mesh()
         self.num_devices = int(self.mesh.size)
-        self.params = jax.device_put(loaded.params, NamedSharding(self.mesh, PartitionSpec()))
+        self.params = jax.device_put(loaded.params, sharding.replicated(self.mesh))
         self.fn = _jitted(config, self.kind, topk, self.mesh)
         self.grid = inference.offset_grid(config)
         self.window_sec = _crop_len(config)

@@ -243,6 +243,10 @@ def onset_range_sec(duration_sec: float, crop_len_sec: float = 5.0, max_off_sec:
     return duration_sec / 2 - 0.5, duration_sec / 2 + 0.5
 
 
+def _onset_event(frame: int) -> Dict[str, Any]:
+    return {"time_sec": frame / FPS, "frame": int(frame), "kind": "onset", "sound": "hum"}
+
+
 def _render_onset(rng: np.random.Generator, n_frames: int, n_samples: int, height: int, width: int,
                   onset_frame: Optional[int]) -> Tuple[np.ndarray, np.ndarray]:
     """A lamp that switches on (and stays on) at `onset_frame` while its hum starts in the
@@ -299,7 +303,7 @@ def make_clip(seed: int, *, duration_sec: float = 10.0, height: int = 256, width
         lo, hi = onset_sec or onset_range_sec(duration_sec)
         f = int(rng.integers(int(math.ceil(lo * FPS)), int(math.floor(hi * FPS)) + 1))
         frames, audio = _render_onset(rng, n_frames, n_samples, height, width, f)
-        return frames, audio, [{"time_sec": f / FPS, "frame": f, "kind": "onset", "sound": "hum"}]
+        return frames, audio, [_onset_event(f)]
     if cue != CUE_EVENTS:
         raise ValueError(f"cue must be {CUE_EVENTS!r} or {CUE_ONSET!r}, got {cue!r}")
     margin = int(0.3 * FPS)  # keep sounds from being cut at the clip ends
@@ -340,8 +344,7 @@ def make_clip_with_events(seed: int, event_times_sec: Sequence[float], *, durati
                              f"got {list(event_times_sec)}")
         f = frames_at[0] if frames_at else None
         frames, audio = _render_onset(rng, n_frames, n_samples, height, width, f)
-        return frames, audio, ([] if f is None else [{"time_sec": f / FPS, "frame": f, "kind": "onset",
-                                                      "sound": "hum"}])
+        return frames, audio, ([] if f is None else [_onset_event(f)])
     if cue != CUE_EVENTS:
         raise ValueError(f"cue must be {CUE_EVENTS!r} or {CUE_ONSET!r}, got {cue!r}")
     kinds = None if kinds is None else [kinds[i] for i in order] if len(kinds) == len(order) else kinds

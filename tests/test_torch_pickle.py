@@ -382,7 +382,7 @@ def test_numpy_object_dtype_is_rejected(tmp_path):
 
 
 # ---- corrupted / foreign files ------------------------------------------------------------------
-def _expect_file_error(path, *fragments):
+def assert_file_error(path, *fragments):
     for loader in (load_torch_file, load_state_dict_file):
         with pytest.raises(TorchFileError) as ei:
             loader(path)
@@ -396,16 +396,16 @@ def _expect_file_error(path, *fragments):
 def test_empty_text_missing_and_foreign_files(tmp_path):
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
-    _expect_file_error(empty, "empty file")
+    assert_file_error(empty, "empty file")
     text = tmp_path / "notes.pt"
     text.write_text("these are not the weights you are looking for\n")
-    _expect_file_error(text, "not a torch.save file")
-    _expect_file_error(tmp_path / "missing.pt", "no such file")
-    _expect_file_error(tmp_path, "cannot read")
+    assert_file_error(text, "not a torch.save file")
+    assert_file_error(tmp_path / "missing.pt", "no such file")
+    assert_file_error(tmp_path, "cannot read")
     npz = tmp_path / "arrays.pt"
     with open(npz, "wb") as f:
         np.savez(f, a=np.zeros(2))
-    _expect_file_error(npz, "data.pkl")
+    assert_file_error(npz, "data.pkl")
     plain = _torch_legacy(tmp_path / "plain.pt", pickle.dumps([1, 2], protocol=2))
     assert load_torch_file(plain) == [1, 2]
     with pytest.raises(TorchFileError, match="expected a dict"):
@@ -424,7 +424,7 @@ def test_truncated_files(tmp_path, name, fraction):
     data = (DATA / name).read_bytes()
     path = tmp_path / name
     path.write_bytes(data[: int(len(data) * fraction)])
-    msg = _expect_file_error(path)
+    msg = assert_file_error(path)
     assert "truncated" in msg or "corrupted" in msg, msg
 
 
@@ -438,23 +438,23 @@ def test_missing_and_short_storage(tmp_path):
         for i in infos:
             if i.filename != f"{root}/data/3":
                 dst.writestr(i, blobs[i.filename])
-    _expect_file_error(missing, "storage data/3 missing")
+    assert_file_error(missing, "storage data/3 missing")
     short = tmp_path / "short_storage.pth"
     with zipfile.ZipFile(short, "w") as dst:
         for i in infos:
             dst.writestr(i, blobs[i.filename][:-1] if i.filename == f"{root}/data/0" else blobs[i.filename])
-    _expect_file_error(short, "data/0", "bytes")
+    assert_file_error(short, "data/0", "bytes")
 
 
 def test_corrupted_pickle_in_archive(tmp_path):
-    _expect_file_error(_torch_zip(tmp_path / "garbage.pt", b"\x80\x02\xff\xfe garbage"), "corrupted")
-    _expect_file_error(_torch_zip(tmp_path / "cut.pt", pickle.dumps({"a": [1, 2, 3]}, protocol=2)[:-5]), "truncated")
+    assert_file_error(_torch_zip(tmp_path / "garbage.pt", b"\x80\x02\xff\xfe garbage"), "corrupted")
+    assert_file_error(_torch_zip(tmp_path / "cut.pt", pickle.dumps({"a": [1, 2, 3]}, protocol=2)[:-5]), "truncated")
 
 
 def test_corrupted_safetensors(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes((DATA / "weights.safetensors").read_bytes()[:100])
-    _expect_file_error(bad)
+    assert_file_error(bad)
     bad.write_bytes(b"")
     with pytest.raises(TorchFileError, match="bad.safetensors"):
         load_state_dict_file(bad)
