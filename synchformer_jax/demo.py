@@ -180,7 +180,7 @@ def build_stage2_cache(config: ml_collections.ConfigDict, train_paths) -> dict:
     trainer = train.build_trainer(config)
     state, _ = train.initial_state(trainer, jax.random.key(config.seed))
     params, model_config = jax.device_get(state.params), trainer.task.model_config.replace(dtype="float32")
-    manifest = pathlib.Path(config.data.feature_cache) / "manifest.json"
+    manifest = pathlib.Path(config.data.feature_cache) / feature_cache.MANIFEST
     if manifest.exists():
         made = json.loads(manifest.read_text())
         if made.get("extractor_params_sha256") == feature_cache.extractor_params_sha256(params):
