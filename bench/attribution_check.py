@@ -3,11 +3,14 @@
     python bench/attribution_check.py workdir/demo/model [--samples 256] [--plot event.png]
 
 Renders a 10 s procedural clip with exactly one event (by default the CPU demo's cue, a
-lamp that switches on with its hum, at 5.0 s; `--kind flash` etc.: a sparse event), attributes a model's prediction at offset +0.4 s with a cue-free
-synthetic distractor (`synchformer_jax.attribution.isolated_event_check`) and prints
-the report: for each stream the interval holding the event onset, the highest-scoring
-interval, their scores and whether the peak is at the event (-1..+2 intervals). Exit
-status 0 when both streams peak at the event, 1 otherwise. Meant for a demo-trained
+lamp that switches on with its hum, at 5.0 s; `--kind flash` etc.: a sparse event),
+attributes a model's prediction at offset +0.4 s with a cue-free synthetic distractor
+(`--distractor-onset-sec T`: one whose lamp switches on at T;
+`synchformer_jax.attribution.isolated_event_check`) and prints the report: for each
+stream the interval holding the event onset, the highest-scoring interval, their scores
+and whether the peak is at the event (-1..+2 intervals) and above chance (z >= --min-z;
+`attribution.stream_peak`). Exit status 0 when both streams peak at the event, 1
+otherwise. Meant for a demo-trained
 model (`synchformer-jax demo`); a random model gives flat (or NaN) scores.
 """
 from __future__ import annotations
@@ -30,11 +33,15 @@ def main(argv=None) -> int:
                    help="onset: the CPU demo's cue (a lamp switching on with its hum); the others: sparse events")
     p.add_argument("--sound", default="burst", choices=("burst", "tone", "chirp"))
     p.add_argument("--offset-sec", type=float, default=0.4)
+    p.add_argument("--distractor-onset-sec", type=float, default=None,
+                   help="onset cue: a distractor whose lamp switches on at this clip time (default: lamp off)")
+    p.add_argument("--min-z", type=float, default=4.0,
+                   help="a peak must stand this many standard errors above 0.5 (chance peaks reach ~2.3)")
     p.add_argument("--plot", help="also write the attribution figure (PNG) here")
     a = p.parse_args(argv)
     report = isolated_event_check(a.model, seed=a.seed, event_time_sec=a.event_time_sec, offset_sec=a.offset_sec,
                                   kind=a.kind, sound=a.sound, num_samples=a.samples, batch_size=a.batch_size,
-                                  plot_path=a.plot)
+                                  min_z=a.min_z, distractor_onset_sec=a.distractor_onset_sec, plot_path=a.plot)
     print(json.dumps(report, indent=1))
     return 0 if report["passed"] else 1
 

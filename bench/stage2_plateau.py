@@ -48,7 +48,7 @@ V_HOP, A_HOP = 8, 640  # frames / samples between cached segment starts
 SEG_FRAMES, SEG_SAMPLES = 16, 10240
 
 
-def oracle_features(n_clips, dim, gap, identity, aligned, rng, duration_sec=10.0, cue="events"):
+def oracle_features(n_clips, dim, gap, identity, aligned, rng, duration_sec=10.0, cue="events", pulse_sec=0.0):
     n_frames = int(duration_sec * FPS)
     n_v = (n_frames - SEG_FRAMES) // V_HOP + 1
     n_a = (n_frames * A_HOP - SEG_SAMPLES) // A_HOP + 1
@@ -63,10 +63,16 @@ def oracle_features(n_clips, dim, gap, identity, aligned, rng, duration_sec=10.0
     for i in range(n_clips):
         V[i] = rng.normal(size=dim) + 0.1 * rng.normal(size=(n_v, 8, dim))
         A[i] = rng.normal(size=dim) + 0.1 * rng.normal(size=(n_a, 6, dim))
-        if cue == "onset":  # the demo's cue: a state that switches on for good in the middle second
+        if cue in ("onset", "pulse"):  # the demo's cue: a state that switches on in the middle second
             t0 = round(rng.uniform(duration_sec / 2 - 0.5, duration_sec / 2 + 0.5) * FPS) / FPS
-            V[i] += (tv >= t0)[..., None] * u_v
-            A[i] += (ta >= t0)[..., None] * u_a
+            if cue == "onset":
+                on_v, on_a = tv >= t0, ta >= t0
+            else:  # it switches off again after pulse_sec; a token is "on" if its span overlaps the pulse
+                t1 = t0 + pulse_sec
+                on_v = (tv + 2 / FPS > t0) & (tv < t1)
+                on_a = (ta + SEG_SAMPLES / RATE / 6 > t0) & (ta < t1)
+            V[i] += on_v[..., None] * u_v
+            A[i] += on_a[..., None] * u_a
             continue
         t = rng.uniform(0.3, gap[1])
         while t < duration_sec - 0.3:
@@ -100,6 +106,21 @@ def time_table(dim, n_seg, rng):
     return np.concatenate(rows)[None].astype(np.float32)
 
 
+CUES = ("events", "onset", "pulse")
+
+
+def parse_phase(text):
+    """'pulse@0.2:500' -> ('pulse', 0.2, 500)."""
+    try:
+        head, steps = text.rsplit(":", 1)
+        cue, _, sec = head.partition("@")
+        if cue not in CUES:
+            raise ValueError(f"unknown cue {cue!r}")
+        return cue, float(sec or 0.2), int(steps)
+    except ValueError as e:
+        raise SystemExit(f"--phases: cannot read {text!r} (CUE[@SEC]:STEPS): {e}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clips", type=int, default=200)
@@ -108,9 +129,13 @@ def main():
     p.add_argument("--gap-max", type=float, default=2.0)
     p.add_argument("--identity", action="store_true")
     p.add_argument("--aligned", action="store_true")
-    p.add_argument("--cue", choices=("events", "onset"), default="events",
+    p.add_argument("--cue", choices=CUES, default="events",
                    help="events: short irregular events (--gap-*); onset: one state switch per clip that "
-                        "stays on (the CPU demo's cue)")
+                        "stays on (the CPU demo's cue); pulse: the same state on for --pulse-sec only")
+    p.add_argument("--pulse-sec", type=float, default=0.2, help="--cue pulse: how long the state stays on")
+    p.add_argument("--phases", nargs="+", metavar="CUE[@SEC]:STEPS",
+                   help="a curriculum, one phase after another with the same params and optimizer "
+                        "(e.g. onset:750 pulse@1:500 pulse@0.2:500); overrides --cue/--steps")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -130,8 +155,7 @@ def main():
     model = sf.Synchformer(cfg)
     rng = np.random.default_rng(args.seed)
     dim = cfg.video.embed_dim
-    V, A = oracle_features(args.clips + args.eval_clips, dim, (args.gap_min, args.gap_max), args.identity,
-                           args.aligned, rng, cue=args.cue)
+    phases = [parse_phase(x) for x in args.phases] if args.phases else [(args.cue, args.pulse_sec, args.steps)]
     params = jax.device_get(sf.init_params(cfg, jax.random.key(args.seed)))
     flat = traverse_util.flatten_dict(params)
     for key in flat:
@@ -144,12 +168,13 @@ def main():
     trained = {k: params[k] for k in ("vproj", "aproj", "transformer")}
 
     n_seg = cfg.n_segments
-    n_v, n_a = V.shape[1], A.shape[1]
+    n_frames = int(10.0 * FPS)
+    n_v, n_a = (n_frames - SEG_FRAMES) // V_HOP + 1, (n_frames * A_HOP - SEG_SAMPLES) // A_HOP + 1
     grid = np.arange(cfg.sync.num_offset_classes) - cfg.sync.num_offset_classes // 2  # 0.2 s = 5 audio hops
     pairs = np.array([(k, c) for k in range(n_v - n_seg + 1) for c, g in enumerate(grid)
                       if 0 <= V_HOP * k + 5 * g and V_HOP * k + 5 * g + V_HOP * (n_seg - 1) < n_a])
 
-    def sample(r, lo, hi, n):
+    def sample(V, A, r, lo, hi, n):
         clip = r.integers(lo, hi, size=n)
         k, c = pairs[r.integers(len(pairs), size=n)].T
         vi = k[:, None] + np.arange(n_seg)
@@ -174,19 +199,25 @@ def main():
         return optax.apply_updates(trained, updates), opt_state, value
 
     predict = jax.jit(lambda t, v, a: jnp.argmax(logits_fn(t, v, a, False), -1))
-    ve, ae, ye = sample(np.random.default_rng(args.seed + 1), args.clips, args.clips + args.eval_clips, 512)
-    curve, losses, t0 = [], [], time.perf_counter()
-    for s in range(1, args.steps + 1):
-        v, a, y = sample(rng, 0, args.clips, args.batch)
-        trained, opt_state, value = step(trained, opt_state, v, a, y, jax.random.key(s))
-        losses.append(float(value))
-        if s % args.eval_every == 0 or s == args.steps:
-            pred = np.asarray(predict(trained, ve, ae))
-            row = {"step": s, "examples": s * args.batch, "train_loss": float(np.mean(losses[-50:])),
-                   "accuracy_1": float(np.mean(pred == ye)), "accuracy_1_tol1": float(np.mean(abs(pred - ye) <= 1)),
-                   "wall_sec": time.perf_counter() - t0}
-            curve.append(row)
-            print(json.dumps(row), flush=True)
+    curve, losses, t0, s = [], [], time.perf_counter(), 0
+    for cue, pulse_sec, steps in phases:
+        V, A = oracle_features(args.clips + args.eval_clips, dim, (args.gap_min, args.gap_max), args.identity,
+                               args.aligned, rng, cue=cue, pulse_sec=pulse_sec)
+        ve, ae, ye = sample(V, A, np.random.default_rng(args.seed + 1), args.clips, args.clips + args.eval_clips, 512)
+        for phase_step in range(1, steps + 1):
+            s += 1
+            v, a, y = sample(V, A, rng, 0, args.clips, args.batch)
+            trained, opt_state, value = step(trained, opt_state, v, a, y, jax.random.key(s))
+            losses.append(float(value))
+            if phase_step % args.eval_every == 0 or phase_step == steps:
+                pred = np.asarray(predict(trained, ve, ae))
+                row = {"cue": cue if cue != "pulse" else f"pulse@{pulse_sec:g}", "step": s,
+                       "examples": s * args.batch, "train_loss": float(np.mean(losses[-50:])),
+                       "accuracy_1": float(np.mean(pred == ye)),
+                       "accuracy_1_tol1": float(np.mean(abs(pred - ye) <= 1)),
+                       "wall_sec": time.perf_counter() - t0}
+                curve.append(row)
+                print(json.dumps(row), flush=True)
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"args": vars(args), "curve": curve}, f, indent=1)

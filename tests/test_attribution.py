@@ -120,6 +120,34 @@ def test_an_ignored_stream_scores_one_half_everywhere_and_tolerance():
     assert strict["audio"].num_correct == 0 and np.isnan(strict["audio"].scores).all()
 
 
+def test_stream_peak_needs_a_peak_above_chance():
+    """An ignored stream still has a highest score somewhere (set by the mask seed); it
+    must not count as a peak at the event even when it lands on the event's interval."""
+    J, TRUE = 23, 4
+
+    def ignores(masks):
+        return np.eye(21)[np.full(len(masks), TRUE)]
+
+    def needs_j(masks):
+        return np.eye(21)[np.where(np.asarray(masks)[:, J], TRUE + 6, TRUE)]
+
+    noise = at.attribute_stream(ignores, 50, TRUE, num_samples=256, seed=0)
+    lucky = int(np.nanargmax(noise.scores))
+    chance = at.stream_peak(noise, lucky)
+    assert chance["peak_interval"] == lucky and chance["num_correct"] == 256
+    assert 1.0 < chance["peak_z"] < 4.0 and not chance["significant"] and not chance["peak_at_event"]
+    assert at.stream_peak(noise, lucky, min_z=chance["peak_z"] - 1e-6)["peak_at_event"]  # the z rule decides
+
+    real = at.attribute_stream(needs_j, 50, TRUE, num_samples=256, seed=0)
+    hit = at.stream_peak(real, J - 1)  # within the default window (-1..+2) of the event
+    assert hit["peak_interval"] == J and hit["peak_score"] == 1.0 and hit["peak_at_event"]
+    assert hit["peak_z"] == pytest.approx(0.5 / real.standard_error())
+    assert not at.stream_peak(real, J + 5)["peak_at_event"]  # significant, but elsewhere
+    none = at.attribute_stream(needs_j, 50, TRUE + 9, num_samples=16)  # never correct
+    assert at.stream_peak(none, J) == {**at.stream_peak(none, J), "peak_interval": -1, "peak_at_event": False}
+    json.dumps(at.stream_peak(none, J))
+
+
 # ------------------------------------------------------------------ the model wrapper
 
 
