@@ -269,9 +269,11 @@ def evaluate(trainer: Trainer, params: Params, batches: Iterator[dict], max_batc
         metrics = SynchronizabilityMetrics()
     else:
         metrics = OffsetMetrics(trainer.task.model_config.sync.num_offset_classes)
+    skips = pipeline.SkipReport()
     for i, host_batch in enumerate(batches):
         if max_batches and i >= max_batches:
             break
+        skips.update(host_batch)
         batch = device_lib.host_to_global(host_batch, trainer.mesh, sharding.BATCH_AXES)
         out = trainer.predict_step(params, batch)
         out = multihost_utils.process_allgather(out, tiled=True)
@@ -281,7 +283,11 @@ def evaluate(trainer: Trainer, params: Params, batches: Iterator[dict], max_batc
         else:
             target = np.asarray(multihost_utils.process_allgather(batch[trainer.task.target_key], tiled=True))
             metrics.update(np.asarray(out["logits"]), target, mask)
-    return metrics.result()
+    result = metrics.result()
+    # A broken record is in exactly one host's slice and `meta` stays on that host: the
+    # sum over hosts counts each once.
+    result["skipped_records"] = int(np.sum(multihost_utils.process_allgather(np.int32(skips.count))))
+    return result
 
 
 def restore_params(workdir: pathlib.Path) -> tuple[Params, Any]:

@@ -69,7 +69,7 @@ def data(tmp_path_factory):
         p.write_bytes(_tfrecord_bytes(good[s::2]))
         tf_paths.append(str(p))
     return {"train": paths["train"], "eval": paths["eval"], "broken": [broken], "tfrecord": tf_paths,
-            "records": good}
+            "records": good, "truncated": truncated}
 
 
 def _take(it, n):
@@ -320,6 +320,84 @@ def test_eval_fixed_offsets_from_labels_and_csv(data, tmp_path):
         for cid, off in zip(b["meta"]["clip_id"], b["offset_sec"]):
             got_csv[str(cid)] = round(float(off), 2)
     assert got_csv == {k: -o + 0.0 for k, (o, _) in labels.items()}
+
+
+# Slots of an eval shard (G good, T truncated mp4, J not a record) and the hosts: every
+# layout puts the broken record(s) last in some host's slice, where no example follows.
+@pytest.mark.parametrize("layout,hosts,batch_size", [("GGGT", 1, 2), ("GGGT", 1, 4), ("GGTJ", 1, 3),
+                                                     ("GGGT", 2, 1), ("GGTG", 2, 1)])
+def test_eval_broken_records_at_the_end_of_a_host_are_reported(data, tmp_path, layout, hosts, batch_size):
+    from synchformer_jax.evaluators.offset import OffsetMetrics
+
+    payloads = [{"G": data["records"][i], "T": data["truncated"], "J": b"not a record"}[c]
+                for i, c in enumerate(layout)]
+    path = tmp_path / shards.shard_name("broken", "eval", "array_record", 0, 1)
+    shards.write_shard(path, payloads)
+    good = [i for i, c in enumerate(layout) if c == "G"]
+    spec = pl.ExampleSpec(stage="sync", train=False)
+    report, counts, seen = pl.SkipReport(), [], []
+    metrics = OffsetMetrics(transforms.class_grid().shape[0])
+    for p in range(hosts):
+        batches = list(pl.eval_dataset([str(path)], spec, batch_size=batch_size, seed=3, process_index=p,
+                                       process_count=hosts, read_threads=1))
+        counts.append(len(batches))
+        for b in batches:
+            report.update(b)
+            seen.extend(b["index"][b["mask"]].tolist())
+            assert (b["index"][~b["mask"]] == -1).all() and (b["video"][~b["mask"]] == 0).all()
+            # Logits right on the real rows, wrong on the padding ones: only masking gives 1.0.
+            wrong = (b["offset_target"] + 1) % metrics.num_classes
+            logits = np.eye(metrics.num_classes)[np.where(b["mask"], b["offset_target"], wrong)]
+            metrics.update(logits, b["offset_target"], b["mask"])
+    assert counts == [-(-(-(-len(layout) // hosts)) // batch_size)] * hosts  # the broken-free count
+    assert sorted(seen) == good
+    assert report.count == layout.count("T") + layout.count("J")  # each once, on its host
+    assert ("T" in layout) == any("bad_mp4" in s and "test:truncated" in s for s in report.items)
+    assert ("J" in layout) == any("RecordError" in s for s in report.items)
+    result = metrics.result()
+    assert result["count"] == len(good) and result["accuracy_1"] == 1.0
+
+
+def test_eval_broken_last_record_through_worker_processes(data, tmp_path):
+    """Each worker process drops and batches its own share, so each one's stream can end
+    on a broken record; its report must still come back as data."""
+    path = tmp_path / shards.shard_name("broken", "eval", "array_record", 0, 1)
+    shards.write_shard(path, data["records"][:5] + [data["truncated"]])
+    spec = pl.ExampleSpec(stage="sync", train=False)
+    it = iter(pl.eval_dataset([str(path)], spec, batch_size=2, seed=3, num_workers=2, read_threads=1,
+                              per_worker_buffer=1))
+    try:
+        batches = list(it)
+    finally:
+        it.close()
+    report = pl.SkipReport()
+    for b in batches:
+        report.update(b)
+    # Worker 0 reads slots 0, 2, 4 and worker 1 slots 1, 3, 5: two batches each (each
+    # pads its own last one), one more than the 3 batches 6 examples would fill.
+    assert len(batches) == 4
+    assert sorted(i for b in batches for i in b["index"][b["mask"]].tolist()) == [0, 1, 2, 3, 4]
+    assert report.count == 1 and "bad_mp4" in report.items[0]
+
+
+def test_eval_end_of_stream_report_resumes_exactly_once(data, tmp_path):
+    path = tmp_path / shards.shard_name("broken", "eval", "array_record", 0, 1)
+    shards.write_shard(path, data["records"][:1] + [data["truncated"], b"not a record"])
+    spec = pl.ExampleSpec(stage="sync", train=False)
+    ds = pl.eval_dataset([str(path)], spec, batch_size=1, seed=3, read_threads=1)
+    it = iter(ds)
+    states = [json.loads(json.dumps(it.get_state()))]
+    batches = []
+    for b in it:
+        batches.append(b)
+        states.append(json.loads(json.dumps(it.get_state())))
+    # One clip, then both skips on a padding row, then the padding batch every host runs.
+    assert [b["mask"].tolist() for b in batches] == [[True], [False], [False]]
+    assert [len(b["meta"]["skipped"]) for b in batches] == [0, 2, 0]
+    for k, state in enumerate(states):
+        fresh = iter(ds)
+        fresh.set_state(state)
+        _assert_batches_equal(list(fresh), batches[k:])
 
 
 def test_synchronizability_eval_draws_both_classes(data):

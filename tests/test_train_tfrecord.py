@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import struct
 
+import jax
 import pytest
 
 from synchformer_jax import checkpoint, experiment, records, synthetic, tasks, train
@@ -82,8 +83,8 @@ def test_damaged_tfrecord_eval_skips_reports_and_keeps_counts(sets, tmp_path):
     a.write_bytes(_frame(recs[0]) + bytes(bad_crc) + _frame(recs[2]) + _frame(recs[5])[:100])  # truncated tail
     b = tmp_path / "d-eval.tfrecord-00001-of-00002"
     b.write_bytes(_frame(recs[3]) + _frame(recs[4]))
-    # Slots: shard a 0..2 and 3 (the tail damage), shard b 4, 5. (Not a broken slot
-    # last: a host's skips ride on its next example, as on the ArrayRecord path.)
+    # Slots: shard a 0..2 and 3 (the tail damage), shard b 4, 5: skips ride on the host's
+    # next example (a broken slot last: test_evaluate_reports_skipped_records).
     hosts, batch_size = 2, 2
     report, seen, counts = pl.SkipReport(), [], []
     for p in range(hosts):
@@ -99,6 +100,30 @@ def test_damaged_tfrecord_eval_skips_reports_and_keeps_counts(sets, tmp_path):
     assert report.count == 2
     assert any(f"{a}#1" in s and "data CRC mismatch" in s for s in report.items), report.items
     assert any(f"{a}#3" in s and "truncated record" in s for s in report.items), report.items
+
+
+def test_evaluate_reports_skipped_records(sets, tmp_path):
+    """`train.evaluate` counts the broken records of the evaluation, also the one slot a
+    truncated tail leaves at the end of the last shard (nothing follows it), and the
+    padding row that reports it counts in no metric."""
+    from synchformer_jax.models import synchformer as sf
+
+    recs = list(shard_lib.iter_records(sets["tfrecord"]["eval"]))[:3]
+    clean = tmp_path / shard_lib.shard_name("clean", "eval", "tfrecord", 0, 1)
+    clean.write_bytes(b"".join(_frame(r) for r in recs))
+    damaged = tmp_path / shard_lib.shard_name("damaged", "eval", "tfrecord", 0, 1)
+    damaged.write_bytes(clean.read_bytes() + _frame(recs[0])[:100])
+    shards = {split: ",".join(paths) for split, paths in sets["tfrecord"].items()}
+    config = th.small_config(experiment.STAGE_SYNC, shards, **{"data.format": "tfrecord", "data.eval_rounds": 1})
+    trainer = train.build_trainer(config, th.single_mesh())
+    init = jax.jit(lambda r: sf.init_params(trainer.task.model_config, r),
+                   out_shardings=trainer.state_shardings.params)
+    params = init(jax.random.key(0))
+    got = {path.name: train.evaluate(trainer, params, train.eval_batches(config, trainer.task, [str(path)]))
+           for path in (clean, damaged)}
+    want = dict(got[clean.name], skipped_records=1)
+    assert got[clean.name]["skipped_records"] == 0 and got[clean.name]["count"] == 3
+    assert got[damaged.name] == want
 
 
 def test_tfrecord_reader_refuses_array_record_shards(sets):

@@ -64,7 +64,8 @@ Pipelines:
 
 Broken records (unreadable bytes, bad header, undecodable or too-short video) are
 logged with their clip id / source, counted in `meta["skipped"]` of the next batch
-(use `SkipReport` in the training loop), and never stop the pipeline.
+(in evaluation, of a padding row when nothing follows them; use `SkipReport` in the
+training and evaluation loops), and never stop the pipeline.
 """
 from __future__ import annotations
 
@@ -369,16 +370,28 @@ class NoUsableRecordsError(ValueError):
 
 
 class _DropBrokenIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator, give_up_after: Optional[int] = None, data: str = ""):
+    def __init__(self, parent: grain.DatasetIterator, give_up_after: Optional[int] = None, data: str = "",
+                 last_carrier: Optional[Dict[str, Any]] = None):
         super().__init__(parent)
         self._pending: List[str] = []
         self._give_up_after = give_up_after
         self._data = data
+        self._last_carrier = last_carrier
         self._broken_in_a_row = 0
 
     def __next__(self):
         while True:
-            x = next(self._parent)
+            try:
+                x = next(self._parent)
+            except StopIteration:
+                # Broken records at the very end of a finite stream have no next example
+                # to ride on: one masked padding example carries them instead. It fits in
+                # the batch count, since each of them took a real example's place.
+                if not (self._pending and self._last_carrier is not None):
+                    raise
+                x = dict(self._last_carrier, meta=dict(self._last_carrier["meta"], skipped=self._pending))
+                self._pending = []
+                return x
             if isinstance(x, Broken):
                 _log.warning("skipping broken record: %s: %s", x.where, x.error)
                 self._pending.append(f"{x.where}: {x.error}")
@@ -408,14 +421,16 @@ class _DropBrokenIterator(grain.DatasetIterator):
 
 
 class _DropBroken(grain.IterDataset):
-    """Removes `Broken` markers; their descriptions ride on the next example's meta."""
+    """Removes `Broken` markers; their descriptions ride on the next example's meta, or,
+    at the end of the stream, on `last_carrier` (a `mask=False` padding example)."""
 
-    def __init__(self, parent: grain.IterDataset, give_up_after: Optional[int] = None, data: str = ""):
+    def __init__(self, parent: grain.IterDataset, give_up_after: Optional[int] = None, data: str = "",
+                 last_carrier: Optional[Dict[str, Any]] = None):
         super().__init__(parent)
-        self._give_up_after, self._data = give_up_after, data
+        self._give_up_after, self._data, self._last_carrier = give_up_after, data, last_carrier
 
     def __iter__(self):
-        return _DropBrokenIterator(self._parent.__iter__(), self._give_up_after, self._data)
+        return _DropBrokenIterator(self._parent.__iter__(), self._give_up_after, self._data, self._last_carrier)
 
 
 class SkipReport:
@@ -514,8 +529,8 @@ class _EvalProcess:
 
 def _finish(ds: grain.IterDataset, batch_fn, batch_size: int, drop_remainder: bool,
             num_workers: int, per_worker_buffer: int, give_up_after: Optional[int] = None,
-            data: str = "") -> grain.IterDataset:
-    ds = _DropBroken(ds, give_up_after, data)
+            data: str = "", last_carrier: Optional[Dict[str, Any]] = None) -> grain.IterDataset:
+    ds = _DropBroken(ds, give_up_after, data, last_carrier)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=batch_fn)
     if num_workers > 0:
         mark_absl_flags_parsed()
@@ -566,7 +581,8 @@ def eval_dataset(paths, spec: ExampleSpec, *, batch_size: int, seed: int = 0, ro
     with `iter_times=rounds`: 2 for LRS3, 25 for VGGSound-Sparse), `"labels"` (the
     record's `offset_sec` / `vstart_sec`), or a `{clip_id: (offset_sec, vstart_sec)}`
     mapping (`read_fixed_offsets_csv`). Every host yields
-    `ceil(ceil(rounds * N / process_count) / batch_size)` batches.
+    `ceil(ceil(rounds * N / process_count) / batch_size)` batches (with `num_workers`
+    > 1 a few more: each worker pads its own last batch, `_eval_num_batches`).
     """
     _check_eval(spec, rounds, process_index, process_count)
     return _eval_batches(ArrayRecordSource(paths), spec, batch_size=batch_size, seed=seed, rounds=rounds,
@@ -622,9 +638,21 @@ def _eval_batches(src, spec: ExampleSpec, *, batch_size: int, seed: int, rounds:
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size))
     pad = _empty_example(spec)
     batch_fn = functools.partial(collate, pad_to=batch_size, pad_example=pad)
-    it = _finish(it, batch_fn, batch_size, False, num_workers, per_worker_buffer)
-    num_batches = math.ceil(math.ceil(total / process_count) / batch_size)
-    return _FixedCount(it, num_batches, collate([pad] * batch_size))
+    it = _finish(it, batch_fn, batch_size, False, num_workers, per_worker_buffer, last_carrier=pad)
+    return _FixedCount(it, _eval_num_batches(total, process_count, batch_size, num_workers),
+                       collate([pad] * batch_size))
+
+
+def _eval_num_batches(total: int, process_count: int, batch_size: int, num_workers: int) -> int:
+    """Batches every host runs: those of the host with the most examples (host 0).
+
+    Each worker process batches its own `w::num_workers` share, last batch padded, so
+    workers can need more batches than the host's examples alone would (6 examples in
+    batches of 2 on 2 workers: 2 + 2, not 3); fewer would cut real examples off.
+    """
+    per_host = len(range(0, total, process_count))
+    workers = max(1, num_workers)
+    return sum(math.ceil(len(range(w, per_host, workers)) / batch_size) for w in range(workers))
 
 
 def _require_tfrecord(files: Sequence[str]):
