@@ -1,8 +1,8 @@
 """Host CPU throughput of the input pipelines and of `prepare`, in clips per second per core.
 
-One command measures four tasks on `--threads N` CPU cores (the process is pinned to the
-first N allowed CPUs with `os.sched_setaffinity`, which threads and spawned worker
-processes inherit):
+One command measures four tasks (two more on request) on `--threads N` CPU cores (the
+process is pinned to the first N allowed CPUs with `os.sched_setaffinity`, which threads
+and spawned worker processes inherit):
 
 * `train stage II`: `input.pipeline.train_dataset` with `ExampleSpec(stage="sync")`
   (14 segments of 16 frames, stride 8: a 120-frame span), `read_threads=N`, batches of
@@ -16,10 +16,22 @@ processes inherit):
   byte, decoded once to check them and to fill the record's audio.
 * `prepare (re-encode)`: the same on mp4 files at `--src-fps` (30) / `--src-rate` (44.1 kHz
   stereo): every clip is decoded, resampled, re-encoded (libx264 + AAC) and decoded again.
+* `--tfrecord-compare` (instead of the four): the two TFRecord training paths of
+  `data.format = "tfrecord"` on TFRecord copies of the same records, stage II as above:
+  `train stage II tfrecord indexed` (`tfrecord_indexed_train_dataset`, the default
+  `data.tfrecord_access`, `read_threads=N`) and `train stage II tfrecord stream`
+  (`tfrecord_train_dataset`, `num_workers=0`: every record decoded in the iterating
+  thread, as train.py runs it by default); prints both examples/s and their ratio. The
+  stream's shuffle window (`--stream-window`, train.py's 256 records) is filled, read and
+  CRC-checked (~5 ms per 10-s record), during the warm-up and refilled only after that
+  many examples, so a run shorter than the window leaves the reading out of the stream's
+  timed part (the indexed path reads and checks each record as it decodes it); a window
+  of a few records puts it back.
 
 Data: `synthetic.make_dataset` clips (10 s, 256x256 by default) written to a temp folder, or
 to `--work-dir` and reused by later runs with the same settings. The prepare sources are
-the same synthetic clips (`synthetic.make_clip`) muxed with PyAV.
+the same synthetic clips (`synthetic.make_clip`) muxed with PyAV; the TFRecord shards
+are the ArrayRecord shards' payloads rewritten, made when first needed.
 
 Each (task, repeat) runs in a fresh spawned process, so no prefetch thread or worker
 process of one measurement runs during the next. Reported per task:
@@ -38,6 +50,7 @@ start-up (spawned processes importing numpy / PyAV) included.
 
     python bench/pipeline_throughput.py --threads 1 --work-dir /tmp/pt_data
     python bench/pipeline_throughput.py --threads 2 --work-dir /tmp/pt_data --json-out pt2.json
+    python bench/pipeline_throughput.py --threads 2 --work-dir /tmp/pt_data --tfrecord-compare
 """
 from __future__ import annotations
 
@@ -60,7 +73,9 @@ from hostinfo import cpu_model  # noqa: E402
 
 DATA_VERSION = 1  # bump when the generated data changes
 
-TASKS = ("train stage II", "train stage I", "prepare (conforming)", "prepare (re-encode)")
+DEFAULT_TASKS = ("train stage II", "train stage I", "prepare (conforming)", "prepare (re-encode)")
+TFRECORD_TASKS = ("train stage II tfrecord indexed", "train stage II tfrecord stream")
+TASKS = DEFAULT_TASKS + TFRECORD_TASKS
 
 
 def pin(threads: int) -> list:
@@ -135,6 +150,7 @@ def ensure_data(work_dir: pathlib.Path, a) -> dict:
         info = json.loads(marker.read_text())
         if info.get("settings") == settings:
             return info
+    shutil.rmtree(work_dir / "tfrecord", ignore_errors=True)  # copies of the old records
     for sub in ("records", "conforming", "reencode"):
         shutil.rmtree(work_dir / sub, ignore_errors=True)
         (work_dir / sub).mkdir(parents=True)
@@ -161,6 +177,24 @@ def ensure_data(work_dir: pathlib.Path, a) -> dict:
     return info
 
 
+def ensure_tfrecord(work_dir: pathlib.Path, info: dict) -> list:
+    """TFRecord copies of the record shards (same payloads, same shard layout) in
+    `work_dir/tfrecord`, written once; the stage II records of both formats are identical,
+    so only the reader differs between the tasks."""
+    from synchformer_jax.input import shards
+
+    out = []
+    for rel in info["train"]:
+        meta = shards.parse_shard_name(rel)
+        dst = work_dir / "tfrecord" / shards.shard_name(meta["name"], "train", "tfrecord", meta["index"],
+                                                        meta["num_shards"])
+        if not dst.is_file():  # write_shard is atomic: an existing file is complete
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shards.write_shard(dst, shards.iter_records([str(work_dir / rel)]), "tfrecord")
+        out.append(str(dst))
+    return out
+
+
 # --------------------------------------------------------------------------- measurements
 
 
@@ -169,15 +203,20 @@ def _cpu_children() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _measure_pipeline(task, threads, paths, batch_size, warmup, batches):
+def _measure_pipeline(task, threads, paths, batch_size, warmup, batches, stream_window=256):
     from synchformer_jax.input import pipeline
 
-    if task == "train stage II":
+    if task.startswith("train stage II"):
         spec, augment = pipeline.ExampleSpec(stage="sync"), None
     else:
         spec, augment = pipeline.ExampleSpec(stage="segment_avclip"), pipeline.Stage1Augment()
-    ds = pipeline.train_dataset(paths, spec, batch_size=batch_size, seed=0, read_threads=threads,
-                                num_workers=0, augment=augment)
+    kw = dict(batch_size=batch_size, seed=0, num_workers=0, augment=augment)
+    if task.endswith("tfrecord stream"):
+        ds = pipeline.tfrecord_train_dataset(paths, spec, window_size=stream_window, **kw)
+    elif task.endswith("tfrecord indexed"):
+        ds = pipeline.tfrecord_indexed_train_dataset(paths, spec, read_threads=threads, **kw)
+    else:
+        ds = pipeline.train_dataset(paths, spec, read_threads=threads, **kw)
     it = iter(ds)
     for _ in range(warmup):
         next(it)
@@ -278,7 +317,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1, help="cores to pin to = read threads / prepare workers")
-    ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of: {', '.join(TASKS)}")
+    ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                    help=f"comma-separated subset of: {', '.join(TASKS)}")
+    ap.add_argument("--tfrecord-compare", action="store_true",
+                    help="time the TFRecord indexed and stream training paths (replaces --tasks) and print the ratio")
     ap.add_argument("--work-dir", help="keep / reuse the generated data here (default: a temp folder)")
     ap.add_argument("--clips", type=int, default=32, help="synthetic 10-s clips in the record shards")
     ap.add_argument("--prepare-clips", type=int, default=24, help="source files per prepare task")
@@ -290,9 +332,11 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2, help="untimed batches")
     ap.add_argument("--batches", type=int, default=16, help="timed batches per pipeline run")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--stream-window", type=int, default=256,
+                    help="shuffle window of the TFRecord stream task (train.py: 256)")
     ap.add_argument("--json-out")
     a = ap.parse_args(argv)
-    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    tasks = list(TFRECORD_TASKS) if a.tfrecord_compare else [t.strip() for t in a.tasks.split(",") if t.strip()]
     for t in tasks:
         if t not in TASKS:
             ap.error(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
@@ -314,10 +358,14 @@ def main(argv=None):
     try:
         info = ensure_data(work_dir, a)
         paths = [str(work_dir / p) for p in info["train"]]
+        tf_paths = ensure_tfrecord(work_dir, info) if any("tfrecord" in t for t in tasks) else []
         rows = []
         for task in tasks:
             if task.startswith("train"):
-                kwargs = dict(paths=paths, batch_size=a.batch_size, warmup=a.warmup, batches=a.batches)
+                kwargs = dict(paths=tf_paths if "tfrecord" in task else paths, batch_size=a.batch_size,
+                              warmup=a.warmup, batches=a.batches)
+                if task.endswith("stream"):
+                    kwargs["stream_window"] = a.stream_window
             else:
                 sub = "conforming" if "conforming" in task else "reencode"
                 kwargs = dict(src_dir=str(work_dir / sub), out_dir=str(work_dir / f"out_{sub}"))
@@ -333,11 +381,17 @@ def main(argv=None):
         load = f.read().split()[:3]
     env = {"threads": a.threads, "nproc": os.cpu_count(), "cpu_model": cpu_model(), "versions": versions(),
            "date": time.strftime("%Y-%m-%d"), "loadavg_after": load, "clip": f"10 s {a.height}x{a.width}",
-           "batch_size": a.batch_size, "repeats": a.repeats, "src_fps": a.src_fps, "src_rate": a.src_rate}
+           "batch_size": a.batch_size, "repeats": a.repeats, "src_fps": a.src_fps, "src_rate": a.src_rate,
+           "stream_window": a.stream_window}
     print(f"# {env['date']}  nproc={env['nproc']}  {env['cpu_model']}  threads={a.threads}  "
           f"load avg after: {' '.join(load)}")
     print("# " + "  ".join(f"{k} {v}" for k, v in env["versions"].items()))
     print(table(rows))
+    by_task = {r["task"]: r for r in rows}
+    if all(t in by_task for t in TFRECORD_TASKS):
+        idx, stream = (by_task[t]["clips_per_s"] for t in TFRECORD_TASKS)
+        print(f"TFRecord training, examples/s: indexed (read_threads={a.threads}) {idx:.2f}, "
+              f"stream (num_workers=0) {stream:.2f}, indexed / stream {idx / stream:.2f}x")
     if a.json_out:
         pathlib.Path(a.json_out).write_text(json.dumps({"env": env, "rows": rows}, indent=1, default=str) + "\n")
 

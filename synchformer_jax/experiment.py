@@ -43,6 +43,12 @@ def default_config(stage: str = STAGE_SYNC) -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.format = "array_record"  # or "tfrecord"
+    # TFRecord training: "indexed" (one pass over the record headers, then the ArrayRecord
+    # pipeline: global shuffle, threaded decoding, the same batches as ArrayRecord shards of
+    # the same records) or "stream" (shards read front to back, window shuffle; for storage
+    # where a seek per record is expensive, such as object stores). A run resumes only with
+    # the access it started with (the data iterator states differ).
+    c.data.tfrecord_access = "indexed"
     c.data.train_shards = ""  # glob or comma-separated paths; empty: the synthetic set
     c.data.eval_shards = ""
     c.data.synthetic_dir = ""  # where the synthetic set is made (default: <workdir>/synthetic)

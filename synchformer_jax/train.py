@@ -35,6 +35,7 @@ from synchformer_jax.models import synchformer as sf
 
 log = logging.getLogger(__name__)
 Params = Any
+TFRECORD_ACCESS = ("indexed", "stream")  # `data.tfrecord_access` (experiment.py)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -201,10 +202,15 @@ def data_paths(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tupl
 
 
 def train_iterator(config, task: tasks.Task, paths: list[str]):
-    """Training batches of this host: ArrayRecord (global shuffle) or, with
-    `data.format = "tfrecord"`, streaming TFRecord shards (split between hosts by shard,
-    window-shuffled); both iterators' `get_state` / `set_state` go into the checkpoints."""
+    """Training batches of this host: ArrayRecord or, with `data.format = "tfrecord"`,
+    TFRecord shards read by random access (`data.tfrecord_access = "indexed"`: the same
+    global shuffle and batches as ArrayRecord) or streamed (`"stream"`: split between hosts
+    by shard, window-shuffled); the iterator's `get_state` / `set_state` go into the
+    checkpoints."""
     fmt = config.data.get("format", "array_record")
+    access = config.data.get("tfrecord_access", "indexed")
+    if access not in TFRECORD_ACCESS:
+        raise ValueError(f"data.tfrecord_access must be one of {TFRECORD_ACCESS}, got {access!r}")
     per_host = config.data.batch_size // jax.process_count()
     if config.data.get("feature_cache", "") and task.stage == experiment.STAGE_SYNC:
         from synchformer_jax import feature_cache
@@ -213,15 +219,15 @@ def train_iterator(config, task: tasks.Task, paths: list[str]):
                                             seed=config.seed, process_index=jax.process_index(),
                                             process_count=jax.process_count())
     augment = _stage1_augment(task.example_spec) if config.data.augment else None
-    if fmt == "tfrecord":
-        ds = pipeline.tfrecord_train_dataset(paths, task.example_spec, batch_size=per_host, seed=config.seed,
-                                             process_index=jax.process_index(), process_count=jax.process_count(),
-                                             num_workers=config.data.num_workers, augment=augment)
+    kw = dict(batch_size=per_host, seed=config.seed, process_index=jax.process_index(),
+              process_count=jax.process_count(), num_workers=config.data.num_workers, augment=augment)
+    if fmt == "tfrecord" and access == "stream":
+        ds = pipeline.tfrecord_train_dataset(paths, task.example_spec, **kw)
+    elif fmt == "tfrecord":
+        ds = pipeline.tfrecord_indexed_train_dataset(paths, task.example_spec, read_threads=config.data.read_threads,
+                                                     **kw)
     elif fmt == "array_record":
-        ds = pipeline.train_dataset(paths, task.example_spec, batch_size=per_host, seed=config.seed,
-                                    process_index=jax.process_index(), process_count=jax.process_count(),
-                                    num_workers=config.data.num_workers, read_threads=config.data.read_threads,
-                                    augment=augment)
+        ds = pipeline.train_dataset(paths, task.example_spec, read_threads=config.data.read_threads, **kw)
     else:
         raise ValueError(f"data.format must be 'array_record' or 'tfrecord', got {fmt!r}")
     return iter(ds)
@@ -356,7 +362,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         abstract = checkpoint.abstract_with_shardings(
             _abstract_state(trainer.task, trainer.tx, config.optim.frozen), trainer.state_shardings)
         state, data_state = ckpts.restore(start, abstract)
-        data_iter.set_state(data_state)
+        try:
+            data_iter.set_state(data_state)
+        except (KeyError, TypeError) as exc:
+            # The likely cause: a TFRecord run started before "indexed" became the default
+            # (its checkpoints hold a stream state); a bare KeyError would not say so.
+            raise ValueError(
+                f"{workdir}: the checkpointed data iterator state does not fit this data pipeline "
+                f"({type(exc).__name__}: {exc}); resume with the data.format / data.tfrecord_access the run "
+                f"started with (TFRecord runs from before data.tfrecord_access existed: \"stream\")") from exc
         log.info("resumed from step %d", start)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))

@@ -53,7 +53,10 @@ Pipelines:
 * `eval_dataset`: every clip `rounds` times (round r reseeded deterministically:
   `default_rng([seed, r, clip])`), fixed offsets from record labels or a CSV mapping,
   the last batch padded with `mask=False`, and the same number of batches on every host.
-* `tfrecord_train_dataset`: streaming TFRecord shards, interleaved, window-shuffled.
+* `tfrecord_indexed_train_dataset`: `train_dataset` over TFRecord shards, batch for batch
+  the same for the same records (one header pass indexes the records, see below).
+* `tfrecord_train_dataset`: streaming TFRecord shards, interleaved, window-shuffled, for
+  storage where per-record seeks are expensive.
 * `tfrecord_eval_dataset`: `eval_dataset` over TFRecord shards, example for example and
   batch for batch the same (same per-host split by record index, same draws, same
   order, same batch count): one pass over the record headers builds a byte-offset index
@@ -96,7 +99,7 @@ from synchformer_jax.input.sources import (ArrayRecordSource, Broken, TFRecordIn
 __all__ = [
     "STAGES", "SegmentLayout", "ExampleSpec", "decode_video_bytes", "process_record",
     "collate", "SkipReport", "NoUsableRecordsError", "train_dataset", "eval_dataset", "tfrecord_train_dataset",
-    "tfrecord_eval_dataset",
+    "tfrecord_indexed_train_dataset", "tfrecord_eval_dataset",
     "read_fixed_offsets_csv", "assemble_on_device", "Stage1Augment", "mark_absl_flags_parsed",
 ]
 
@@ -558,7 +561,46 @@ def train_dataset(paths, spec: ExampleSpec, *, batch_size: int, seed: int,
     `iter(ds)`; `get_state()` / `set_state()` on the iterator resume exactly.
     """
     _check_host(process_index, process_count)
-    src = ArrayRecordSource(paths)
+    return _train_batches(ArrayRecordSource(paths), spec, batch_size=batch_size, seed=seed,
+                          process_index=process_index, process_count=process_count, num_epochs=num_epochs,
+                          num_workers=num_workers, read_threads=read_threads,
+                          prefetch_buffer_size=prefetch_buffer_size, per_worker_buffer=per_worker_buffer,
+                          augment=augment)
+
+
+def tfrecord_indexed_train_dataset(paths, spec: ExampleSpec, *, batch_size: int, seed: int,
+                                   process_index: int = 0, process_count: int = 1,
+                                   num_epochs: Optional[int] = None, num_workers: int = 0, read_threads: int = 4,
+                                   prefetch_buffer_size: int = 16, per_worker_buffer: int = 2,
+                                   augment: Optional[Augment] = None, verify_crc: bool = True) -> grain.IterDataset:
+    """`train_dataset` over TFRecord shards: the same batches for the same records.
+
+    One pass over the record headers of all shards, on every host (a seek and 12 bytes per
+    record; `sources.TFRecordIndexedSource`, as in `tfrecord_eval_dataset`), gives every
+    record a global index, so TFRecord training gets what the ArrayRecord path has: a
+    global shuffle reshuffled every epoch, per-example draws from the global position
+    (independent of host and worker counts), decoding on `read_threads` threads and an
+    index-based state that resumes exactly (the ArrayRecord iterator's state, too). Each
+    example costs one seek and one read; where seeks are expensive (object stores) use
+    the streaming `tfrecord_train_dataset` instead.
+
+    A record with a bad data CRC is skipped and reported in `meta["skipped"]`; damage
+    that ends a shard's framing costs the rest of that shard (one `Broken` slot).
+    """
+    _check_host(process_index, process_count)
+    files = expand_paths(paths)
+    _require_tfrecord(files)
+    return _train_batches(TFRecordIndexedSource(files, verify=verify_crc), spec, batch_size=batch_size, seed=seed,
+                          process_index=process_index, process_count=process_count, num_epochs=num_epochs,
+                          num_workers=num_workers, read_threads=read_threads,
+                          prefetch_buffer_size=prefetch_buffer_size, per_worker_buffer=per_worker_buffer,
+                          augment=augment)
+
+
+def _train_batches(src, spec: ExampleSpec, *, batch_size: int, seed: int, process_index: int, process_count: int,
+                   num_epochs: Optional[int], num_workers: int, read_threads: int, prefetch_buffer_size: int,
+                   per_worker_buffer: int, augment: Optional[Augment]) -> grain.IterDataset:
+    """The training pipeline over a random-access source (`len`, `src[i]`, `src.paths`)."""
     ds = grain.MapDataset.source(src).seed(seed).shuffle().repeat(num_epochs)
     # random_map before the host slice: each example's generator comes from its global
     # position, so the draws do not depend on the number of hosts.
@@ -668,13 +710,16 @@ def tfrecord_train_dataset(paths, spec: ExampleSpec, *, batch_size: int, seed: i
                            num_epochs: Optional[int] = None, window_size: int = 256,
                            cycle_length: int = 4, num_workers: int = 0, verify_crc: bool = True,
                            per_worker_buffer: int = 2, augment: Optional[Augment] = None) -> grain.IterDataset:
-    """Streaming training batches from TFRecord shards (no random access).
+    """Streaming training batches from TFRecord shards (no random access), for storage
+    where a seek per record is expensive (object stores); elsewhere prefer
+    `tfrecord_indexed_train_dataset` (global shuffle, threaded decoding).
 
     Shards are split between hosts (`files[process_index::process_count]`) and, inside a
     host, between worker processes; `cycle_length` shards are read interleaved and
     examples are shuffled in windows of `window_size` (a weaker shuffle than the
     ArrayRecord path's global one). State (byte offsets, window position, element
-    counter) restores exactly.
+    counter) restores exactly. Records are decoded in the iterating thread, one at a
+    time, unless `num_workers` > 0.
     """
     _check_host(process_index, process_count)
     _require_tfrecord(expand_paths(paths))

@@ -1,4 +1,4 @@
-"""Record sources: ArrayRecord (random access) and TFRecord (streaming) shards.
+"""Record sources: ArrayRecord (random access) and TFRecord (streaming or indexed) shards.
 
 Both yield the raw bytes of one `records.ClipRecord` per element. A record that cannot
 be read comes out as a `Broken(where, error)` marker instead of an exception, so that
@@ -12,11 +12,12 @@ pipeline counts and logs the markers (`pipeline.py`).
   verify the CRCs (its source has a TODO), and a flipped bit in a video would
   otherwise surface as a confusing decode error or, worse, as a slightly wrong clip.
   Its iterator state is the byte offset of the next record, so it resumes exactly.
-* `TFRecordIndexedSource`: random access over TFRecord shards for evaluation, from a
-  byte-offset index that one pass over the record *headers* builds (12 bytes read per
-  record, the data is skipped with a seek; cached per file, size and mtime). Damage that
-  ends a shard's framing (a corrupt length or a truncated tail) takes one slot at the
-  end of that shard and reads as `Broken`, like a damaged record.
+* `TFRecordIndexedSource`: random access over TFRecord shards (evaluation, and training
+  where seeks are cheap), from a byte-offset index that one pass over the record
+  *headers* builds (12 bytes read per record, the data is skipped with a seek; cached
+  per file, size and mtime). Damage that ends a shard's framing (a corrupt length or a
+  truncated tail) takes one slot at the end of that shard and reads as `Broken`, like a
+  damaged record.
 
 TFRecord framing: `u64 length | u32 masked_crc32c(length) | data | u32 masked_crc32c(data)`
 (little-endian); the writers and the (NumPy, ~6 ms per 0.8 MB record) CRC32C live in
@@ -276,12 +277,14 @@ def tfrecord_index(path) -> TFRecordIndex:
 
 
 class TFRecordIndexedSource:
-    """Random-access source over TFRecord shards (for evaluation), like `ArrayRecordSource`:
+    """Random-access source over TFRecord shards, like `ArrayRecordSource`:
     `len`, `source[i]` -> record bytes or `Broken`. Global index = position in the sorted
     shard list, then in the file; a shard whose framing breaks has one extra slot at its
     end that reads as `Broken` (so the damage is reported, once per read of that slot).
 
-    Reads open the file, seek and read one record (thread-safe, picklable).
+    Reads open the file, seek and read one record: no handle is held, so the source is
+    thread-safe and a pickled copy (grain worker processes) carries the index and reads
+    without indexing again.
     `verify=True` checks each record's data CRC.
     """
 
