@@ -71,6 +71,13 @@ def default_config(stage: str = STAGE_SYNC) -> ml_collections.ConfigDict:
     # features on a fixed segment grid, centre crop); training then reads features instead
     # of clips (evaluation stays on the clips). Empty: train on the clips.
     c.data.feature_cache = ""
+    # Stage II from a feature cache only: a synthetic-demo training schedule for clips with
+    # one event each (`synthetic` cue "pulse"), whose time the cache stores per clip.
+    # `phases`: ((num_steps, jitter_sec), ...) drawing only windows whose video segments
+    # are centred within jitter of the event, then every window; `keep_centred`: the share
+    # of every later batch kept at the first phase's jitter (feature_cache.CacheTrainIterator).
+    # Empty phases: off.
+    c.data.window_curriculum = ml_collections.ConfigDict({"phases": (), "keep_centred": 0.0})
 
     c.optim = ml_collections.ConfigDict()
     if stage == STAGE_AVCLIP:

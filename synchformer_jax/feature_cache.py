@@ -38,8 +38,13 @@ flip), video starts on the 8-frame grid only (officially any frame), centred seg
 inside the crop (officially a random segment start in `[0, 125 - v_seq]`), and no
 ±0.05 s audio jitter. Evaluation stays on the raw path.
 
+Window curriculum (`CacheTrainIterator(window_curriculum=...)`, synthetic demo only):
+phases that draw only windows whose video segments are centred near the clip's single
+event (its `anchor_sec`), widening phase by phase, before the uniform draw.
+
 Storage: ArrayRecord shards of per-clip records (`vfeat [Nv, 8, D]`, `afeat [Na, 6, D]`,
-clip id, counts) + `index.npz` (per-clip lengths / counts, in record order) +
+clip id, counts) + `index.npz` (per-clip lengths / counts and `anchor_sec`, in record
+order; caches from before `anchor_sec` load with NaN anchors) +
 `manifest.json` (grid, crop, dtype, model config, sha256 of the extractor params,
 source shards, bytes per clip, skipped records).
 """
@@ -55,7 +60,7 @@ import pathlib
 import struct
 import time
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -132,6 +137,15 @@ class CacheGrid:
         ok &= (g + self.video_entry0 + self.n_segments - 1 < nv)
         ok &= (a_frame + self.audio_entry0 + self.audio_entry_stride * (self.n_segments - 1) < na)
         return ok
+
+    def window_centre_sec(self, g) -> np.ndarray:
+        """Centre time (s from the clip start) of the video segments of the windows starting
+        at frames `8 g`: the segments, not the 5-s crop, are what the model sees, and they
+        span frames `8 g + v0` to `8 g + v0 + step * (S - 1) + segment_frames` (exclusive;
+        2 .. 122 of the 125-frame crop for S = 14, centre 62)."""
+        span = self.step_frames * (self.n_segments - 1) + self.segment_frames
+        g = np.asarray(g, dtype=np.float64)
+        return (self.step_frames * g + self.v0 + span / 2) / transforms.VIDEO_FPS
 
     def window_entries(self, g: int, j: int) -> Tuple[np.ndarray, np.ndarray]:
         """Video and audio entry indices `[S]` of window (start `8 g`, class `j`)."""
@@ -335,6 +349,16 @@ def _clip_inputs(rec: records.ClipRecord, grid: CacheGrid, img_size: int):
     return frames[fidx], audio[sidx], v_len, a_len
 
 
+def _anchor_sec(labels: Optional[Dict[str, Any]]) -> float:
+    """The time of the record's only event (the synthetic onset / pulse clips), NaN for
+    none or several: a window curriculum can only centre windows on a single event."""
+    events = (labels or {}).get("events")
+    if isinstance(events, (list, tuple)) and len(events) == 1 and isinstance(events[0], dict) \
+            and "time_sec" in events[0]:
+        return float(events[0]["time_sec"])
+    return float("nan")
+
+
 def build_feature_cache(model, shard_paths, out_dir, *, batch_size: int = 64, dtype=np.float16,
                         n_segments: Optional[int] = None, max_off_sec: Optional[float] = None) -> dict:
     """Extract and store the frozen-extractor features of every clip of `shard_paths`.
@@ -357,7 +381,7 @@ def build_feature_cache(model, shard_paths, out_dir, *, batch_size: int = 64, dt
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = expand_paths(shard_paths)
     ext = _Extractors(params, config, batch_size)
-    index = {"clip_id": [], "v_len": [], "a_len": [], "nv": [], "na": []}
+    index = {"clip_id": [], "v_len": [], "a_len": [], "nv": [], "na": [], "anchor_sec": []}
     skipped: List[str] = []
     shards_out = []
     t0 = time.perf_counter()
@@ -386,12 +410,14 @@ def build_feature_cache(model, shard_paths, out_dir, *, batch_size: int = 64, dt
                 n_bytes += len(payload)
                 writer.write(payload)
                 for k, v in (("clip_id", rec.clip_id), ("v_len", v_len), ("a_len", a_len),
-                             ("nv", vfeat.shape[0]), ("na", afeat.shape[0])):
+                             ("nv", vfeat.shape[0]), ("na", afeat.shape[0]),
+                             ("anchor_sec", _anchor_sec(rec.labels))):
                     index[k].append(v)
             shards_out.append(writer.close())
     seconds = time.perf_counter() - t0
     n_clips = len(index["clip_id"])
     np.savez(out_dir / INDEX, clip_id=np.array(index["clip_id"], dtype=str),
+             anchor_sec=np.array(index["anchor_sec"], np.float64),
              **{k: np.array(index[k], np.int64) for k in ("v_len", "a_len", "nv", "na")})
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -430,6 +456,8 @@ class FeatureCache:
         self.grid = CacheGrid(**g)
         with np.load(self.dir / INDEX) as z:
             self.index = {k: z[k] for k in z.files}
+        # Caches built before the anchors were stored: no clip has one.
+        self.index.setdefault("anchor_sec", np.full(len(self.index["nv"]), np.nan))
         self._src = ArrayRecordSource([str(self.dir / s["file"]) for s in self.manifest["shards"]])
         if len(self._src) != len(self.index["nv"]):
             raise ValueError(f"{self.dir}: {len(self._src)} records but {len(self.index['nv'])} index rows")
@@ -468,6 +496,20 @@ class FeatureCache:
         return e["vfeat"][vi], e["afeat"][ai]
 
 
+def _curriculum(phases) -> Tuple[Tuple[int, float], ...]:
+    """`window_curriculum` checked: `((num_steps, jitter_sec), ...)`."""
+    out = []
+    for phase in phases or ():
+        try:
+            n, jitter = (float(x) for x in phase)
+        except (TypeError, ValueError):
+            n = jitter = float("nan")
+        if not (np.isfinite(n) and n >= 1 and n == int(n) and np.isfinite(jitter) and jitter >= 0):
+            raise ValueError(f"window_curriculum: each phase is (num_steps >= 1, jitter_sec >= 0), got {phase!r}")
+        out.append((int(n), jitter))
+    return tuple(out)
+
+
 class CacheTrainIterator:
     """Endless stage-II training batches from a feature cache, checkpointable.
 
@@ -476,10 +518,27 @@ class CacheTrainIterator:
     `default_rng([seed, n])`; host `p` keeps rows `[p * B, (p + 1) * B)`. The draws do not
     depend on the host count beyond that split, and `get_state() = {"step": n}` restores
     exactly.
+
+    `window_curriculum`: phases `(num_steps, jitter_sec)` run before that uniform draw
+    (the synthetic demo's schedule for clips with one event; docs/benchmarks.md "Stage-II
+    plateau"). In a phase, every row draws a clip uniformly among the clips with an
+    anchor (`index["anchor_sec"]`, the time of the record's only event) and at least one
+    valid window whose video segments are centred within `jitter_sec` of it
+    (`CacheGrid.window_centre_sec`), then one such (window, class) pair uniformly. With
+    the event's place in the video window (nearly) fixed, the class follows from its
+    place in the audio window alone, which the model picks up far sooner than the
+    difference of two places it must first find.
+
+    `keep_centred`: in every step after the first phase, the unrestricted tail included
+    (as the probe that found the schedule did), this share of the global batch's rows,
+    evenly spaced so that every host's slice keeps about the share, draws with the first
+    phase's jitter: the widening then does not wash out what the centred windows taught.
+    0 makes the tail the plain uniform draw, step for step.
     """
 
     def __init__(self, cache: Union[str, os.PathLike, FeatureCache], *, batch_size: int, seed: int,
-                 process_index: int = 0, process_count: int = 1, memory_clips: int = 256):
+                 process_index: int = 0, process_count: int = 1, memory_clips: int = 256,
+                 window_curriculum: Sequence[Tuple[int, float]] = (), keep_centred: float = 0.0):
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         self.cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache, memory_clips)
@@ -490,13 +549,47 @@ class CacheTrainIterator:
         self.total = int(self._cum[-1]) if len(self._cum) else 0
         if self.total == 0:
             raise ValueError(f"{self.cache.dir}: no clip has a valid stage-II window")
+        self.phases = _curriculum(window_curriculum)
+        self.keep_centred = float(keep_centred)
+        if not 0.0 <= self.keep_centred <= 1.0:
+            raise ValueError(f"keep_centred must be a share in [0, 1], got {keep_centred!r}")
+        if self.keep_centred and not self.phases:
+            raise ValueError("keep_centred needs a window_curriculum (its first phase's jitter)")
+        self._phase_ends = np.cumsum([n for n, _ in self.phases])
+        self._near = {jitter: self._windows_near(jitter) for _, jitter in self.phases}
+        n = self.batch_size * self.process_count
+        n_keep = int(round(self.keep_centred * n))
+        self._keep_rows = (np.arange(n_keep, dtype=np.int64) * n) // max(1, n_keep)
         self.step = 0
 
-    def draw(self, step: int) -> np.ndarray:
-        """`[B, 3]` (clip, g, j) of this host at `step`."""
-        rng = np.random.default_rng([self.seed, int(step)])
-        u = rng.integers(0, self.total, size=self.batch_size * self.process_count)
-        u = u[self.process_index * self.batch_size:(self.process_index + 1) * self.batch_size]
+    def _windows_near(self, jitter: float):
+        """`(clips, [pairs [m, 2]], counts)`: the anchored clips with valid (g, j) pairs
+        whose video window centre lies within `jitter` s of the anchor, and those pairs."""
+        idx, grid = self.cache.index, self.cache.grid
+        anchored = np.flatnonzero(np.isfinite(idx["anchor_sec"]))
+        clips, pairs = [], []
+        for c in anchored:
+            ok = np.argwhere(grid.valid_pairs(int(idx["v_len"][c]), int(idx["a_len"][c]),
+                                              int(idx["nv"][c]), int(idx["na"][c])))
+            # 1e-6 s: centres and anchors sit on the 0.04-s frame grid; a jitter equal to a
+            # distance between them must count despite float rounding.
+            near = ok[np.abs(grid.window_centre_sec(ok[:, 0]) - idx["anchor_sec"][c]) <= jitter + 1e-6]
+            if len(near):
+                clips.append(int(c))
+                pairs.append(near)
+        if not clips:
+            raise ValueError(f"{self.cache.dir}: window_curriculum jitter {jitter} s: no clip has a valid window "
+                             f"whose video segments are centred within {jitter} s of its anchor ({len(anchored)} "
+                             f"of {len(self.cache)} clips have one: the time of the record's only event)")
+        return np.asarray(clips, np.int64), pairs, np.asarray([len(p) for p in pairs], np.int64)
+
+    def phase_at(self, step: int) -> Optional[int]:
+        """The curriculum phase of `step`; None: the unrestricted draw."""
+        i = int(np.searchsorted(self._phase_ends, int(step), side="right"))
+        return i if i < len(self.phases) else None
+
+    def _uniform(self, u: np.ndarray) -> np.ndarray:
+        """Triple number `u` (of `total`) -> (clip, g, j)."""
         out = np.zeros((len(u), 3), np.int64)
         idx = self.cache.index
         for r, x in enumerate(u):
@@ -506,6 +599,32 @@ class CacheTrainIterator:
                                              int(idx["nv"][clip]), int(idx["na"][clip]))
             g, j = np.argwhere(ok)[local]
             out[r] = (clip, g, j)
+        return out
+
+    def _draw_near(self, rng: np.random.Generator, jitter: float, n: int) -> np.ndarray:
+        clips, pairs, counts = self._near[jitter]
+        c = rng.integers(0, len(clips), size=n)
+        k = rng.integers(0, counts[c])
+        out = np.zeros((n, 3), np.int64)
+        for r, (ci, ki) in enumerate(zip(c, k)):
+            out[r] = (clips[ci], *pairs[ci][ki])
+        return out
+
+    def draw(self, step: int) -> np.ndarray:
+        """`[B, 3]` (clip, g, j) of this host at `step`."""
+        rng = np.random.default_rng([self.seed, int(step)])
+        n = self.batch_size * self.process_count
+        lo, hi = self.process_index * self.batch_size, (self.process_index + 1) * self.batch_size
+        phase = self.phase_at(step)
+        if phase is None:
+            u = rng.integers(0, self.total, size=n)
+            out = self._uniform(u[lo:hi])
+        else:
+            out = self._draw_near(rng, self.phases[phase][1], n)[lo:hi]
+        if phase != 0 and len(self._keep_rows):
+            kept = self._draw_near(rng, self.phases[0][1], len(self._keep_rows))
+            mine = (self._keep_rows >= lo) & (self._keep_rows < hi)
+            out[self._keep_rows[mine] - lo] = kept[mine]
         return out
 
     def __iter__(self):
@@ -525,10 +644,12 @@ class CacheTrainIterator:
 
 
 def train_iterator(cache_dir, model_config, *, batch_size: int, seed: int, process_index: int = 0,
-                   process_count: int = 1) -> CacheTrainIterator:
+                   process_count: int = 1, window_curriculum: Sequence[Tuple[int, float]] = (),
+                   keep_centred: float = 0.0) -> CacheTrainIterator:
     """The trainer's cached stage-II iterator; checks the cache fits the model."""
     it = CacheTrainIterator(cache_dir, batch_size=batch_size, seed=seed, process_index=process_index,
-                            process_count=process_count)
+                            process_count=process_count, window_curriculum=window_curriculum,
+                            keep_centred=keep_centred)
     m = it.cache.manifest
     want = grid_for(model_config.n_segments, segment_frames=model_config.video.num_frames,
                     max_off_sec=model_config.sync.max_offset_sec, grid_size=model_config.sync.num_offset_classes)
@@ -542,4 +663,7 @@ def train_iterator(cache_dir, model_config, *, batch_size: int, seed: int, proce
                      model_config.video.img_size)
     _log.info("feature cache %s: %d clips, %d (clip, window, class) triples; extractor params sha256 %s",
               cache_dir, len(it.cache), it.total, m["extractor_params_sha256"])
+    if it.phases:
+        _log.info("window curriculum %s (steps, jitter s), then every window; keep_centred %.2f",
+                  list(it.phases), it.keep_centred)
     return it

@@ -27,6 +27,15 @@ the same frame, over the same drifting background and silent square. The tiny de
 model learns this within minutes, where the sparse events keep it on its loss plateau
 (docs/benchmarks.md "Stage-II plateau").
 
+`cue="pulse"` is the onset clip whose lamp switches off again after `pulse_frames`
+frames (default 3 = 0.12 s) and whose hum sounds only for that span: one short, isolated
+event per clip, as sparse as the events but with a single, known time. That time (the
+record's only event) anchors the feature cache's window curriculum
+(`feature_cache.CacheTrainIterator`, `window_curriculum`), which first draws windows
+centred on it: on a lone pulse the model otherwise stays on its plateau for long.
+A training set of pulses: `make_dataset(..., cue="pulse")`, in a config
+`data.synthetic_clip = dict(cue="pulse")`.
+
 `make_dataset` encodes each clip's frames as H.264 mp4 in memory (PyAV / libx264),
 wraps it with the PCM in a `records.ClipRecord` and writes shards through the same
 writer as real data (`input.shards`). Evaluation records carry a
@@ -52,7 +61,9 @@ FPS = 25
 SAMPLE_RATE = 16000
 EVENT_KINDS = ("bounce", "collide", "flash")
 SOUND_KINDS = ("burst", "tone", "chirp")
-CUE_EVENTS, CUE_ONSET = "events", "onset"
+CUE_EVENTS, CUE_ONSET, CUE_PULSE = "events", "onset", "pulse"
+CUES = (CUE_EVENTS, CUE_ONSET, CUE_PULSE)
+RAMP_SEC = 0.005  # the hum's attack (and the pulse's release): sharp but click-free
 
 
 def _event_frames(rng: np.random.Generator, n_frames: int, min_events: int, max_events: int,
@@ -247,10 +258,45 @@ def _onset_event(frame: int) -> Dict[str, Any]:
     return {"time_sec": frame / FPS, "frame": int(frame), "kind": "onset", "sound": "hum"}
 
 
+def _pulse_event(frame: int, pulse_frames: int) -> Dict[str, Any]:
+    return {"time_sec": frame / FPS, "frame": int(frame), "kind": "pulse", "sound": "hum",
+            "duration_sec": pulse_frames / FPS}
+
+
+def _check_cue(cue: str) -> None:
+    if cue not in CUES:
+        raise ValueError(f"cue must be one of {CUES}, got {cue!r}")
+
+
+def _check_pulse(frame: Optional[int], pulse_frames: int, n_frames: int, duration_sec: float) -> None:
+    if int(pulse_frames) != pulse_frames or pulse_frames < 1:
+        raise ValueError(f"pulse_frames must be a whole number of frames >= 1, got {pulse_frames!r}")
+    if frame is not None and frame + pulse_frames > n_frames:
+        raise ValueError(f"a {pulse_frames}-frame pulse at frame {frame} does not end inside the "
+                         f"{duration_sec} s clip")
+
+
+def _lamp_clip(rng: np.random.Generator, cue: str, frame: Optional[int], pulse_frames: int, n_frames: int,
+               n_samples: int, height: int, width: int, duration_sec: float):
+    """The onset or pulse clip switching on at `frame` (None: the cue-free distractor)."""
+    pulse = None
+    if cue == CUE_PULSE:
+        _check_pulse(frame, pulse_frames, n_frames, duration_sec)
+        pulse = int(pulse_frames)
+    frames, audio = _render_onset(rng, n_frames, n_samples, height, width, frame, pulse)
+    if frame is None:
+        return frames, audio, []
+    return frames, audio, [_onset_event(frame) if pulse is None else _pulse_event(frame, pulse)]
+
+
 def _render_onset(rng: np.random.Generator, n_frames: int, n_samples: int, height: int, width: int,
-                  onset_frame: Optional[int]) -> Tuple[np.ndarray, np.ndarray]:
+                  onset_frame: Optional[int], pulse_frames: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
     """A lamp that switches on (and stays on) at `onset_frame` while its hum starts in the
-    same frame; `None`: the lamp stays off and silent (a cue-free distractor)."""
+    same frame; `None`: the lamp stays off and silent (a cue-free distractor).
+    `pulse_frames`: the lamp switches off again after that many frames and the hum stops
+    with it (a `RAMP_SEC` release after the last lit frame keeps the end click-free).
+    The random draws do not depend on either argument, so one seed gives the same room,
+    lamp and hum pitch as onset, pulse or distractor."""
     t = np.arange(n_frames, dtype=np.float64) / FPS
     base, shift = _background(rng, t, height, width)
     dy, dx, d_half, d_col = _distractor(rng, t, height, width)
@@ -259,6 +305,8 @@ def _render_onset(rng: np.random.Generator, n_frames: int, n_samples: int, heigh
     off_col = rng.uniform(40, 70, 3).astype(np.uint8)
     on_col = rng.uniform(170, 255, 3).astype(np.uint8)
     on = np.zeros(n_frames, bool) if onset_frame is None else np.arange(n_frames) >= onset_frame
+    if onset_frame is not None and pulse_frames is not None:
+        on &= np.arange(n_frames) < onset_frame + pulse_frames
     shift = np.round(shift + 30.0 * on[:, None]).astype(np.int16)  # the room lights up a little too
     video = np.empty((n_frames, height, width, 3), np.uint8)
     tmp = np.empty((height, width, 3), np.int16)
@@ -276,15 +324,21 @@ def _render_onset(rng: np.random.Generator, n_frames: int, n_samples: int, heigh
         i0 = onset_frame * (SAMPLE_RATE // FPS)
         ts = np.arange(n_samples - i0) / SAMPLE_RATE
         hum = sum(a * np.sin(2 * np.pi * k * f0 * ts) for k, a in ((1, 1.0), (2, 0.5), (3, 0.25)))
-        attack = np.minimum(1.0, ts / 0.005)  # 5 ms: a sharp but click-free start
-        audio[i0:] += (level / 1.75 * hum * attack).astype(np.float32)
+        envelope = np.minimum(1.0, ts / RAMP_SEC)
+        if pulse_frames is not None:
+            # Full level to the end of the last lit frame, then a linear release; in whole
+            # samples so that the hum is exactly zero after it.
+            end, ramp = pulse_frames * (SAMPLE_RATE // FPS), int(round(RAMP_SEC * SAMPLE_RATE))
+            release = np.clip((end + ramp - np.arange(ts.size)) / ramp, 0.0, 1.0)
+            envelope = np.minimum(envelope, release)
+        audio[i0:] += (level / 1.75 * hum * envelope).astype(np.float32)
     return video, np.clip(audio, -1.0, 1.0)
 
 
 def make_clip(seed: int, *, duration_sec: float = 10.0, height: int = 256, width: int = 256,
               min_events: int = 2, max_events: int = 5, min_gap_sec: float = 1.0,
               kinds: Sequence[str] = EVENT_KINDS, cue: str = CUE_EVENTS,
-              onset_sec: Optional[Tuple[float, float]] = None
+              onset_sec: Optional[Tuple[float, float]] = None, pulse_frames: int = 3
               ) -> Tuple[np.ndarray, np.ndarray, List[Dict[str, Any]]]:
     """One clip: `(frames uint8 [T, H, W, 3], audio float32 [N], events)`.
 
@@ -295,17 +349,18 @@ def make_clip(seed: int, *, duration_sec: float = 10.0, height: int = 256, width
     `cue="onset"`: one lamp switches on for good at a frame drawn from `onset_sec`
     (default `onset_range_sec(duration_sec)`) and its hum starts with it; one event of
     kind "onset", sound "hum".
+    `cue="pulse"`: the same, but lamp and hum stop again after `pulse_frames` frames;
+    one event of kind "pulse", sound "hum" with its `"duration_sec"`. Same seed, same
+    switch-on frame, room and hum as `cue="onset"`.
     """
+    _check_cue(cue)
     rng = np.random.default_rng([0x5F17C, int(seed)])
     n_frames = int(round(duration_sec * FPS))
     n_samples = n_frames * (SAMPLE_RATE // FPS)
-    if cue == CUE_ONSET:
+    if cue in (CUE_ONSET, CUE_PULSE):
         lo, hi = onset_sec or onset_range_sec(duration_sec)
         f = int(rng.integers(int(math.ceil(lo * FPS)), int(math.floor(hi * FPS)) + 1))
-        frames, audio = _render_onset(rng, n_frames, n_samples, height, width, f)
-        return frames, audio, [_onset_event(f)]
-    if cue != CUE_EVENTS:
-        raise ValueError(f"cue must be {CUE_EVENTS!r} or {CUE_ONSET!r}, got {cue!r}")
+        return _lamp_clip(rng, cue, f, pulse_frames, n_frames, n_samples, height, width, duration_sec)
     margin = int(0.3 * FPS)  # keep sounds from being cut at the clip ends
     frames_at = _event_frames(rng, n_frames, min_events, max_events, int(round(min_gap_sec * FPS)), margin)
     events = []
@@ -320,8 +375,8 @@ def make_clip(seed: int, *, duration_sec: float = 10.0, height: int = 256, width
 
 def make_clip_with_events(seed: int, event_times_sec: Sequence[float], *, duration_sec: float = 10.0,
                           height: int = 256, width: int = 256, kinds: Optional[Sequence[str]] = None,
-                          sounds: Optional[Sequence[str]] = None, cue: str = CUE_EVENTS
-                          ) -> Tuple[np.ndarray, np.ndarray, List[Dict[str, Any]]]:
+                          sounds: Optional[Sequence[str]] = None, cue: str = CUE_EVENTS,
+                          pulse_frames: int = 3) -> Tuple[np.ndarray, np.ndarray, List[Dict[str, Any]]]:
     """A clip with exactly the given events, rendered like `make_clip`.
 
     For controlled checks (one isolated event for evidence attribution) and for cue-free
@@ -330,23 +385,22 @@ def make_clip_with_events(seed: int, event_times_sec: Sequence[float], *, durati
     Times are snapped to the nearest video frame (events sit on the frame grid as in
     `make_clip`). `kinds` / `sounds` give one entry per event (default: drawn from the
     seed). Same return value as `make_clip`; its own seed space (never equal to a
-    `make_clip` clip). `cue="onset"`: at most one time, the lamp's switch-on (none: the
-    lamp stays off and silent).
+    `make_clip` clip). `cue="onset"` / `cue="pulse"`: at most one time, the lamp's
+    switch-on (none: the lamp stays off and silent; the same room, lamp and noise as the
+    cued clips of this seed); a pulse lasts `pulse_frames` frames.
     """
+    _check_cue(cue)
     rng = np.random.default_rng([0x5F17D, int(seed)])
     n_frames = int(round(duration_sec * FPS))
     n_samples = n_frames * (SAMPLE_RATE // FPS)
     order = np.argsort(np.asarray(event_times_sec, dtype=np.float64), kind="stable")
     frames_at = [int(round(float(event_times_sec[i]) * FPS)) for i in order]
-    if cue == CUE_ONSET:
+    if cue in (CUE_ONSET, CUE_PULSE):
         if len(frames_at) > 1 or not all(0 <= f < n_frames for f in frames_at):
-            raise ValueError(f"an onset clip takes at most one time inside the {duration_sec} s clip, "
+            raise ValueError(f"an {cue} clip takes at most one time inside the {duration_sec} s clip, "
                              f"got {list(event_times_sec)}")
         f = frames_at[0] if frames_at else None
-        frames, audio = _render_onset(rng, n_frames, n_samples, height, width, f)
-        return frames, audio, ([] if f is None else [_onset_event(f)])
-    if cue != CUE_EVENTS:
-        raise ValueError(f"cue must be {CUE_EVENTS!r} or {CUE_ONSET!r}, got {cue!r}")
+        return _lamp_clip(rng, cue, f, pulse_frames, n_frames, n_samples, height, width, duration_sec)
     kinds = None if kinds is None else [kinds[i] for i in order] if len(kinds) == len(order) else kinds
     sounds = None if sounds is None else [sounds[i] for i in order] if len(sounds) == len(order) else sounds
     if any(not 0 <= f < n_frames for f in frames_at):

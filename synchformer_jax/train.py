@@ -212,12 +212,19 @@ def train_iterator(config, task: tasks.Task, paths: list[str]):
     if access not in TFRECORD_ACCESS:
         raise ValueError(f"data.tfrecord_access must be one of {TFRECORD_ACCESS}, got {access!r}")
     per_host = config.data.batch_size // jax.process_count()
+    curriculum = config.data.get("window_curriculum") or {}
+    phases = tuple(curriculum.get("phases") or ())
     if config.data.get("feature_cache", "") and task.stage == experiment.STAGE_SYNC:
         from synchformer_jax import feature_cache
 
         return feature_cache.train_iterator(config.data.feature_cache, task.model_config, batch_size=per_host,
                                             seed=config.seed, process_index=jax.process_index(),
-                                            process_count=jax.process_count())
+                                            process_count=jax.process_count(), window_curriculum=phases,
+                                            keep_centred=curriculum.get("keep_centred", 0.0))
+    if phases:
+        # The anchors the phases centre on exist in feature caches only.
+        raise ValueError("data.window_curriculum needs stage-II training from data.feature_cache "
+                         f"(stage {task.stage!r}, feature_cache {config.data.get('feature_cache', '')!r})")
     augment = _stage1_augment(task.example_spec) if config.data.augment else None
     kw = dict(batch_size=per_host, seed=config.seed, process_index=jax.process_index(),
               process_count=jax.process_count(), num_workers=config.data.num_workers, augment=augment)

@@ -9,10 +9,14 @@
 * Broken records are skipped and listed in the manifest.
 * The training iterator restores exactly from `get_state()`, and splits across hosts.
 * `train.train_and_evaluate` with `data.feature_cache` trains and evaluates (raw eval).
+* The index stores each clip's anchor (its only event's time); the window curriculum
+  draws only windows centred near it, keeps a centred share of later batches, resumes
+  and splits exactly, and leaves the plain draw unchanged.
 """
 from __future__ import annotations
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -194,3 +198,153 @@ def test_train_and_evaluate_with_feature_cache(data, model14, tmp_path):
     assert final["step"] == 3 and "accuracy_1" in final
     recs = th.read_metrics(workdir)
     assert sorted(recs) == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in recs.values())
+
+
+PULSE_ANCHORS = (3.48, 3.60)  # 0.04 s and 0.16 s from the nearest window centre (see _centre)
+
+
+@pytest.fixture(scope="module")
+def pulse_cache(data, model14):
+    """A cache of three 8-s clips: 'a' and 'b' with one pulse each (anchored), 'c' with
+    sparse events (no anchor), built by the module's builder with model14's extractors."""
+    config, params, _, _ = model14
+    kw = dict(height=32, width=32, duration_sec=8.0)
+    recs = [synthetic.make_record(11 + i, clip, cue="pulse", onset_sec=(t, t), **kw)
+            for i, (clip, t) in enumerate(zip("ab", PULSE_ANCHORS))]
+    recs.append(synthetic.make_record(13, "c", **kw))
+    shard = data["root"] / shard_lib.shard_name("pulse", "train", "array_record", 0, 1)
+    shard_lib.write_shard(shard, [records.encode(r) for r in recs])
+    out = data["root"] / "cache_pulse"
+    fc.build_feature_cache((params, config), [str(shard)], out, batch_size=64)
+    return out
+
+
+def _centre(g):
+    """Video window centre in s, from the official layout itself: the crop starts at frame
+    8 g and its 14 segments of 16 frames every 8 frames sit centred in the 125 frames,
+    covering frames [2, 122) of it."""
+    return (8 * np.asarray(g) + (2 + 122) / 2) / 25
+
+
+def _distance(it, triples):
+    anchor = it.cache.index["anchor_sec"][triples[:, 0]]
+    return np.abs(_centre(triples[:, 1]) - anchor)
+
+
+def test_cache_stores_anchors_and_old_caches_load(pulse_cache, tmp_path):
+    cache = fc.FeatureCache(pulse_cache)
+    anchors = cache.index["anchor_sec"]
+    assert anchors.dtype == np.float64 and list(cache.index["clip_id"]) == ["a", "b", "c"]
+    np.testing.assert_allclose(anchors[:2], PULSE_ANCHORS, atol=1e-9)
+    assert np.isnan(anchors[2])  # several events: no anchor
+    with np.load(pulse_cache / fc.INDEX) as z:
+        assert "anchor_sec" in z.files
+        old = {k: z[k] for k in z.files if k != "anchor_sec"}
+    # A cache written before the anchors: loads, draws as before, has no anchor to centre on.
+    legacy = tmp_path / "legacy"
+    shutil.copytree(pulse_cache, legacy)
+    np.savez(legacy / fc.INDEX, **old)
+    loaded = fc.FeatureCache(legacy)
+    assert np.isnan(loaded.index["anchor_sec"]).all() and len(loaded.index["anchor_sec"]) == 3
+    np.testing.assert_array_equal(fc.CacheTrainIterator(legacy, batch_size=4, seed=2).draw(0),
+                                  fc.CacheTrainIterator(pulse_cache, batch_size=4, seed=2).draw(0))
+    with pytest.raises(ValueError, match=r"legacy.*0\.5 s.*0 of 3 clips have one"):
+        fc.CacheTrainIterator(legacy, batch_size=4, seed=2, window_curriculum=[(5, 0.5)])
+
+
+# Drawn by the iterator before the curriculum existed (cache_pulse, batch 4, seed 5).
+PLAIN_DRAWS = [[[2, 0, 11], [2, 4, 8], [0, 0, 19], [2, 4, 9]], [[0, 4, 5], [2, 3, 12], [2, 3, 14], [1, 4, 8]],
+               [[2, 3, 20], [0, 6, 14], [2, 1, 16], [1, 3, 7]]]
+
+
+def test_plain_draw_is_unchanged(pulse_cache):
+    for kw in ({}, {"window_curriculum": (), "keep_centred": 0.0}):
+        it = fc.CacheTrainIterator(pulse_cache, batch_size=4, seed=5, **kw)
+        assert [it.draw(s).tolist() for s in range(3)] == PLAIN_DRAWS
+        assert it.phase_at(0) is None
+
+
+def test_curriculum_rows_lie_near_the_anchor(pulse_cache):
+    phases = [(3, 0.1), (3, 0.2), (3, 0.5)]
+    it = fc.CacheTrainIterator(pulse_cache, batch_size=8, seed=1, window_curriculum=phases)
+    assert [it.phase_at(s) for s in (0, 2, 3, 5, 6, 8, 9, 100)] == [0, 0, 1, 1, 2, 2, None, None]
+    idx = it.cache.index
+    clips = {}
+    for step in range(9):
+        tri = it.draw(step)
+        jitter = phases[step // 3][1]
+        assert np.all(_distance(it, tri) <= jitter + 1e-9), (step, tri)
+        clips.setdefault(jitter, set()).update(tri[:, 0].tolist())
+        for c, g, j in tri:
+            assert it.cache.grid.valid_pairs(int(idx["v_len"][c]), int(idx["a_len"][c]))[g, j]
+    # 0.1 s: only clip 'a' has a window centre that near; 0.2 s adds 'b'; never 'c'.
+    assert clips[0.1] == {0} and clips[0.2] == {0, 1} and clips[0.5] == {0, 1}
+    # Then every window of every clip.
+    tail = np.concatenate([it.draw(s) for s in range(9, 29)])
+    assert 2 in tail[:, 0] and np.mean(_distance(it, tail) <= 0.5) < 0.6  # (NaN for 'c': never near)
+    assert len(set(tail[:, 2])) > 10
+
+
+def test_keep_centred_share_and_host_split(pulse_cache):
+    phases = [(2, 0.1), (2, 0.5)]
+    it = fc.CacheTrainIterator(pulse_cache, batch_size=8, seed=4, window_curriculum=phases, keep_centred=0.5)
+    for step in range(2, 12):  # the wider phase and the unrestricted tail keep half centred
+        tri = it.draw(step)
+        assert np.sum(_distance(it, tri) <= 0.1 + 1e-9) >= 4, (step, tri)
+    plain = fc.CacheTrainIterator(pulse_cache, batch_size=8, seed=4)
+    bare = fc.CacheTrainIterator(pulse_cache, batch_size=8, seed=4, window_curriculum=phases)
+    tails = np.concatenate([bare.draw(s) for s in range(4, 24)])
+    assert np.mean(_distance(bare, tails) <= 0.1 + 1e-9) < 0.3
+    # Without keep_centred the tail is the plain draw, step for step.
+    np.testing.assert_array_equal(tails, np.concatenate([plain.draw(s) for s in range(4, 24)]))
+    # Two hosts of 4 rows = one host of 8, in every phase; each host keeps its share.
+    hosts = [fc.CacheTrainIterator(pulse_cache, batch_size=4, seed=4, process_index=p, process_count=2,
+                                   window_curriculum=phases, keep_centred=0.5) for p in (0, 1)]
+    for step in range(8):
+        parts = [h.draw(step) for h in hosts]
+        np.testing.assert_array_equal(np.concatenate(parts), it.draw(step))
+        if step >= 2:
+            assert all(np.sum(_distance(it, p) <= 0.1 + 1e-9) >= 2 for p in parts)
+
+
+def test_curriculum_resumes_across_phase_boundaries(pulse_cache):
+    kw = dict(batch_size=4, seed=3, window_curriculum=[(2, 0.1), (2, 0.2)], keep_centred=0.5)
+    it = fc.CacheTrainIterator(pulse_cache, **kw)
+    next(it)
+    state = it.get_state()
+    assert state == {"step": 1}
+    after = [next(it) for _ in range(5)]  # steps 1..5: phase 0, phase 1, the tail
+    again = fc.CacheTrainIterator(pulse_cache, **kw)
+    again.set_state(json.loads(json.dumps(state)))
+    for x, y in zip(after, [next(again) for _ in range(5)]):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    assert again.get_state() == {"step": 6}
+    first = after[0]["vfeat"]
+    v, _ = it.cache.window(*it.draw(1)[0])
+    np.testing.assert_array_equal(first[0], v)
+
+
+def test_curriculum_errors(data, model14, pulse_cache):
+    with pytest.raises(ValueError, match=r"cache_pulse.*jitter 0\.02 s.*2 of 3 clips have one"):
+        fc.CacheTrainIterator(pulse_cache, batch_size=4, seed=0, window_curriculum=[(5, 0.2), (5, 0.02)])
+    with pytest.raises(ValueError, match="keep_centred needs a window_curriculum"):
+        fc.CacheTrainIterator(pulse_cache, batch_size=4, seed=0, keep_centred=0.5)
+    with pytest.raises(ValueError, match="share in"):
+        fc.CacheTrainIterator(pulse_cache, batch_size=4, seed=0, window_curriculum=[(5, 0.2)], keep_centred=1.5)
+    for bad in ([(0, 0.2)], [(2.5, 0.2)], [(5, -0.1)], [(5,)], [(5, float("nan"))]):
+        with pytest.raises(ValueError, match="each phase is"):
+            fc.CacheTrainIterator(pulse_cache, batch_size=4, seed=0, window_curriculum=bad)
+    # The trainer: the config passes through with a cache and is refused without one.
+    config14 = model14[0]
+    config = th.small_config(experiment.STAGE_SYNC, data["shards"])
+    config.model = config14.to_dict()
+    config.data.window_curriculum.phases = ((2, 0.1), (3, 0.2))
+    config.data.window_curriculum.keep_centred = 0.5
+    task = train.tasks.get_task(config.stage, experiment.model_config(config))
+    with pytest.raises(ValueError, match="data.window_curriculum needs .*data.feature_cache"):
+        train.train_iterator(config, task, [])
+    config.data.feature_cache = str(pulse_cache)
+    it = train.train_iterator(config, task, [])
+    assert it.phases == ((2, 0.1), (3, 0.2)) and it.keep_centred == 0.5
+    assert np.all(_distance(it, it.draw(0)) <= 0.1 + 1e-9)
