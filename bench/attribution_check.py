@@ -29,12 +29,13 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--event-time-sec", type=float, default=5.0)
-    p.add_argument("--kind", default="onset", choices=("onset", "flash", "bounce", "collide"),
-                   help="onset: the CPU demo's cue (a lamp switching on with its hum); the others: sparse events")
+    p.add_argument("--kind", default="onset", choices=("onset", "pulse", "flash", "bounce", "collide"),
+                   help="onset: the CPU demo's cue (a lamp switching on with its hum); pulse: the same lamp "
+                        "and hum for 0.12 s; the others: sparse events")
     p.add_argument("--sound", default="burst", choices=("burst", "tone", "chirp"))
     p.add_argument("--offset-sec", type=float, default=0.4)
     p.add_argument("--distractor-onset-sec", type=float, default=None,
-                   help="onset cue: a distractor whose lamp switches on at this clip time (default: lamp off)")
+                   help="onset / pulse: a distractor whose lamp switches on at this clip time (default: lamp off)")
     p.add_argument("--min-z", type=float, default=4.0,
                    help="a peak must stand this many standard errors above 0.5 (chance peaks reach ~2.3)")
     p.add_argument("--plot", help="also write the attribution figure (PNG) here")

@@ -540,14 +540,14 @@ def isolated_event_check(model_dir: str | os.PathLike, *, seed: int = 0, event_t
     """Does the attribution of a (demo-trained) model peak at a lone synthetic event?
 
     Renders a 10 s synthetic clip with exactly one event at `event_time_sec` (clip
-    time; `kind="onset"`: the demo's lamp switching on, else a flash/bounce/collide
-    with `sound`), masks with a cue-free synthetic distractor of the same family, and
+    time; `kind="onset"`: the demo's lamp switching on, `"pulse"`: the lamp on for
+    0.12 s, else a flash/bounce/collide with `sound`), masks with a cue-free synthetic distractor of the same family, and
     compares each stream's highest-scoring interval with the interval holding the event
     onset (`stream_peak`). A peak counts as at the event when it is within `peak_window`
     intervals of the onset (-1..+2: the flash fades over 4 frames and the sound decays
     over up to 0.3 s after the onset) and stands `min_z` standard errors above 0.5.
-    `distractor_onset_sec` (onset cue only): the distractor is an onset clip of the
-    demo's kind, its lamp switching on at that clip time, cut from the video crop's start
+    `distractor_onset_sec` (onset / pulse only): the distractor is a clip of the same
+    kind, its lamp switching on at that clip time, cut from the video crop's start
     (so both lamps are off before, and on after, both onsets); the default None keeps
     its lamp off. Returns a JSON-able report with `passed`.
     """
@@ -557,13 +557,14 @@ def isolated_event_check(model_dir: str | os.PathLike, *, seed: int = 0, event_t
     loaded = pretrained.load_model(model_dir)
     model = Synchformer(loaded.config)
     size = clip_size or _demo_clip_size(loaded.config.video.img_size)
-    # "onset": the CPU demo's cue (a lamp that switches on for good, with its hum).
-    cue = synthetic.CUE_ONSET if kind == "onset" else synthetic.CUE_EVENTS
-    event = {} if cue == synthetic.CUE_ONSET else {"kinds": [kind], "sounds": [sound]}
+    # "onset": the CPU demo's cue (a lamp that switches on for good, with its hum);
+    # "pulse": the same lamp and hum for 0.12 s only.
+    cue = {"onset": synthetic.CUE_ONSET, "pulse": synthetic.CUE_PULSE}.get(kind, synthetic.CUE_EVENTS)
+    event = {"kinds": [kind], "sounds": [sound]} if cue == synthetic.CUE_EVENTS else {}
     frames, audio, events = synthetic.make_clip_with_events(seed, [event_time_sec], height=size, width=size,
                                                             cue=cue, **event)
-    if distractor_onset_sec is not None and cue != synthetic.CUE_ONSET:
-        raise ValueError(f"distractor_onset_sec needs kind='onset', got kind={kind!r}")
+    if distractor_onset_sec is not None and cue == synthetic.CUE_EVENTS:
+        raise ValueError(f"distractor_onset_sec needs kind 'onset' or 'pulse', got kind={kind!r}")
     d_times = [] if distractor_onset_sec is None else [distractor_onset_sec]
     d_frames, d_audio, _ = synthetic.make_clip_with_events(seed + 1, d_times, height=size, width=size, cue=cue)
     d_start = 0.0 if distractor_onset_sec is None else v_start_sec

@@ -288,3 +288,8 @@ def test_isolated_event_check_runs_on_a_random_model(tiny_run, tmp_path):
     assert report["video"]["event_interval"] == 26 and report["audio"]["event_interval"] == 22
     assert isinstance(report["passed"], bool) and report["true_class"] == 12
     json.dumps(report)
+    pulse = at.isolated_event_check(model_dir, num_samples=8, batch_size=8, kind="pulse", distractor_onset_sec=5.4)
+    assert pulse["event"]["kind"] == "pulse" and pulse["event"]["duration_sec"] == pytest.approx(0.12)
+    assert pulse["video"]["event_interval"] == 26 and pulse["distractor_onset_sec"] == 5.4
+    with pytest.raises(ValueError, match="distractor_onset_sec"):
+        at.isolated_event_check(model_dir, num_samples=8, kind="flash", distractor_onset_sec=5.4)
