@@ -15,7 +15,14 @@ transformer alone:
   ideal stage I would produce: same moment -> similar features); otherwise one event
   direction per stream (`--aligned`: the same direction in both streams);
 * `--cue onset` replaces the events by the CPU demo's cue: one switch per clip in its
-  middle second, after which every token carries the "on" vector.
+  middle second, after which every token carries the "on" vector; `--cue pulse
+  --pulse-sec D`: the same state, on for D seconds only (one isolated event per clip).
+
+`--phases CUE[@D][~J]:STEPS ...` trains a curriculum (same params and Adam state from
+phase to phase); `~J` keeps only the video windows whose centre is within J s of the
+clip's switch, so the event's place in the video window is (nearly) fixed and the
+offset class is a function of its place in the audio window alone; `--keep-centred P`
+keeps that centring for a share P of every batch of the wider phases.
 
 Examples are (clip, video start on the 8-frame grid, offset class) with the offset
 applied on the 40 ms grid, as the fixed-offset evaluation does. The held-out clips give
@@ -27,6 +34,7 @@ of N(0, 1)), `--sync-width/--sync-layers/--sync-heads` (a larger sync transforme
     python bench/stage2_plateau.py --steps 3000 --batch 32            # the demo's setting
     python bench/stage2_plateau.py --steps 3000 --identity --pos-init time --init-scale 5
     python bench/stage2_plateau.py --steps 750 --cue onset                # the demo's cue
+    python bench/stage2_plateau.py --clips 1000 --phases "pulse@0.12~0.2:1500"  # centred windows
 """
 from __future__ import annotations
 
@@ -54,6 +62,7 @@ def oracle_features(n_clips, dim, gap, identity, aligned, rng, duration_sec=10.0
     n_a = (n_frames * A_HOP - SEG_SAMPLES) // A_HOP + 1
     u_v = rng.normal(size=dim)
     u_a = u_v if aligned else rng.normal(size=dim)
+    onset_sec = np.full(n_clips, np.nan)  # onset / pulse cues: the switch time of each clip
     V = np.zeros((n_clips, n_v, 8, dim), np.float32)
     A = np.zeros((n_clips, n_a, 6, dim), np.float32)
     # Start time of every token: video token k of entry j holds frames 8 j + 2 k, +1;
@@ -65,6 +74,7 @@ def oracle_features(n_clips, dim, gap, identity, aligned, rng, duration_sec=10.0
         A[i] = rng.normal(size=dim) + 0.1 * rng.normal(size=(n_a, 6, dim))
         if cue in ("onset", "pulse"):  # the demo's cue: a state that switches on in the middle second
             t0 = round(rng.uniform(duration_sec / 2 - 0.5, duration_sec / 2 + 0.5) * FPS) / FPS
+            onset_sec[i] = t0
             if cue == "onset":
                 on_v, on_a = tv >= t0, ta >= t0
             else:  # it switches off again after pulse_sec; a token is "on" if its span overlaps the pulse
@@ -90,7 +100,7 @@ def oracle_features(n_clips, dim, gap, identity, aligned, rng, duration_sec=10.0
                 if 0 <= k < 6:
                     A[i, j, k] += ca
             t += rng.uniform(*gap)
-    return V, A
+    return V, A, onset_sec
 
 
 def time_table(dim, n_seg, rng):
@@ -110,15 +120,17 @@ CUES = ("events", "onset", "pulse")
 
 
 def parse_phase(text):
-    """'pulse@0.2:500' -> ('pulse', 0.2, 500)."""
+    """'pulse@0.2~0.5:500' -> ('pulse', 0.2, 0.5, 500): cue, pulse length, video-window
+    jitter around the switch (None: every window), steps."""
     try:
         head, steps = text.rsplit(":", 1)
+        head, _, jitter = head.partition("~")
         cue, _, sec = head.partition("@")
         if cue not in CUES:
             raise ValueError(f"unknown cue {cue!r}")
-        return cue, float(sec or 0.2), int(steps)
+        return cue, float(sec or 0.2), float(jitter) if jitter else None, int(steps)
     except ValueError as e:
-        raise SystemExit(f"--phases: cannot read {text!r} (CUE[@SEC]:STEPS): {e}")
+        raise SystemExit(f"--phases: cannot read {text!r} (CUE[@SEC][~JITTER]:STEPS): {e}")
 
 
 def main():
@@ -133,9 +145,13 @@ def main():
                    help="events: short irregular events (--gap-*); onset: one state switch per clip that "
                         "stays on (the CPU demo's cue); pulse: the same state on for --pulse-sec only")
     p.add_argument("--pulse-sec", type=float, default=0.2, help="--cue pulse: how long the state stays on")
-    p.add_argument("--phases", nargs="+", metavar="CUE[@SEC]:STEPS",
+    p.add_argument("--phases", nargs="+", metavar="CUE[@SEC][~J]:STEPS",
                    help="a curriculum, one phase after another with the same params and optimizer "
-                        "(e.g. onset:750 pulse@1:500 pulse@0.2:500); overrides --cue/--steps")
+                        "(e.g. onset:750 pulse@1:500 pulse@0.2:500); ~J: only video windows whose centre "
+                        "is within J s of the switch (pulse@0.2~0:500); overrides --cue/--steps")
+    p.add_argument("--keep-centred", type=float, default=0.0,
+                   help="in --phases wider than ~0.2 (onset/pulse cues), this share of every training batch "
+                        "keeps video windows centred within 0.2 s of the switch (evaluation does not)")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -155,7 +171,8 @@ def main():
     model = sf.Synchformer(cfg)
     rng = np.random.default_rng(args.seed)
     dim = cfg.video.embed_dim
-    phases = [parse_phase(x) for x in args.phases] if args.phases else [(args.cue, args.pulse_sec, args.steps)]
+    phases = ([parse_phase(x) for x in args.phases] if args.phases
+              else [(args.cue, args.pulse_sec, None, args.steps)])
     params = jax.device_get(sf.init_params(cfg, jax.random.key(args.seed)))
     flat = traverse_util.flatten_dict(params)
     for key in flat:
@@ -174,9 +191,24 @@ def main():
     pairs = np.array([(k, c) for k in range(n_v - n_seg + 1) for c, g in enumerate(grid)
                       if 0 <= V_HOP * k + 5 * g and V_HOP * k + 5 * g + V_HOP * (n_seg - 1) < n_a])
 
-    def sample(V, A, r, lo, hi, n):
+    # Video window k covers [0.32 k, 0.32 k + 4.8) s: its centre is 0.32 k + 2.4.
+    centre = (V_HOP * np.arange(n_v - n_seg + 1) + (V_HOP * (n_seg - 1) + SEG_FRAMES) / 2) / FPS
+
+    def sample(V, A, onset_sec, r, lo, hi, n, jitter=None, keep_centred=0.0):
         clip = r.integers(lo, hi, size=n)
-        k, c = pairs[r.integers(len(pairs), size=n)].T
+        # `keep_centred`: this share of the rows keeps the first phase's centring (0.2 s)
+        per_row = [0.2 if b < round(keep_centred * n) else jitter for b in range(n)]
+        if jitter is None and not keep_centred:
+            k, c = pairs[r.integers(len(pairs), size=n)].T
+        else:  # only video windows whose centre is within `jitter` s of the clip's switch
+            k, c = np.empty(n, int), np.empty(n, int)
+            for b, i in enumerate(clip):
+                j = np.inf if per_row[b] is None else per_row[b]
+                ok = pairs[np.abs(centre[pairs[:, 0]] - onset_sec[i]) <= j + 1e-6]
+                if not len(ok):
+                    raise SystemExit(f"no video window centre within {j} s of {onset_sec[i]} s "
+                                     "(centres are 0.32 s apart: use ~0.16 or more)")
+                k[b], c[b] = ok[r.integers(len(ok))]
         vi = k[:, None] + np.arange(n_seg)
         ai = V_HOP * k[:, None] + 5 * grid[c][:, None] + V_HOP * np.arange(n_seg)
         return V[clip[:, None], vi], A[clip[:, None], ai], c
@@ -200,18 +232,23 @@ def main():
 
     predict = jax.jit(lambda t, v, a: jnp.argmax(logits_fn(t, v, a, False), -1))
     curve, losses, t0, s = [], [], time.perf_counter(), 0
-    for cue, pulse_sec, steps in phases:
-        V, A = oracle_features(args.clips + args.eval_clips, dim, (args.gap_min, args.gap_max), args.identity,
+    for cue, pulse_sec, jitter, steps in phases:
+        if jitter is not None and cue == "events":
+            raise SystemExit("--phases: ~JITTER needs the onset or pulse cue (one switch per clip)")
+        V, A, onset_sec = oracle_features(args.clips + args.eval_clips, dim, (args.gap_min, args.gap_max), args.identity,
                                args.aligned, rng, cue=cue, pulse_sec=pulse_sec)
-        ve, ae, ye = sample(V, A, np.random.default_rng(args.seed + 1), args.clips, args.clips + args.eval_clips, 512)
+        ve, ae, ye = sample(V, A, onset_sec, np.random.default_rng(args.seed + 1), args.clips,
+                            args.clips + args.eval_clips, 512, jitter)
         for phase_step in range(1, steps + 1):
             s += 1
-            v, a, y = sample(V, A, rng, 0, args.clips, args.batch)
+            keep = args.keep_centred if cue != "events" and (jitter is None or jitter > 0.2) else 0.0
+            v, a, y = sample(V, A, onset_sec, rng, 0, args.clips, args.batch, jitter, keep)
             trained, opt_state, value = step(trained, opt_state, v, a, y, jax.random.key(s))
             losses.append(float(value))
             if phase_step % args.eval_every == 0 or phase_step == steps:
                 pred = np.asarray(predict(trained, ve, ae))
-                row = {"cue": cue if cue != "pulse" else f"pulse@{pulse_sec:g}", "step": s,
+                row = {"cue": (cue if cue != "pulse" else f"pulse@{pulse_sec:g}")
+                       + ("" if jitter is None else f"~{jitter:g}"), "step": s,
                        "examples": s * args.batch, "train_loss": float(np.mean(losses[-50:])),
                        "accuracy_1": float(np.mean(pred == ye)),
                        "accuracy_1_tol1": float(np.mean(abs(pred - ye) <= 1)),
