@@ -228,7 +228,7 @@ def run_demo(workdir: str | os.PathLike, *, fast: bool = False, config_path: Opt
     model_dir = pretrained.save_model(
         workdir / MODEL_DIR, params, model_config.replace(dtype="float32"), overwrite=True,
         provenance={"source": "synchformer-jax demo", "stage1": str(stage1_dir), "stage2": str(stage2_dir),
-                    "fast": fast})
+                    "fast": fast, "synthetic_clip": dict(c1.data.synthetic_clip)})
     t1, cpu1, load1 = time.perf_counter(), _cpu_seconds(), os.getloadavg()
     timings = {"wall_sec": t1 - t0, "data_wall_sec": t_data - t0, "stage1_wall_sec": t_stage1 - t_data,
                "cache_wall_sec": t_cache - t_stage1, "stage2_wall_sec": t_stage2 - t_cache, "cpu_sec": cpu1 - cpu0,

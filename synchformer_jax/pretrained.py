@@ -75,6 +75,18 @@ def save_model(directory: str | os.PathLike, params: Any, config: ModelConfig, *
     return directory
 
 
+def read_provenance(directory: str | os.PathLike) -> dict[str, Any]:
+    """The provenance a model folder was saved with (`{}` when it has none, e.g. a .pt)."""
+    path = pathlib.Path(directory) / PROVENANCE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    return record if isinstance(record, dict) else {}
+
+
 def load_model(path: str | os.PathLike, *, overrides: Optional[Mapping[str, Any]] = None,
                modules: Optional[Iterable[str]] = None) -> LoadedModel:
     """Params and config from a model folder or an official checkpoint file.

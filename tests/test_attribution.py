@@ -272,8 +272,9 @@ def test_attribute_cli_writes_json_and_png(tiny_run, tmp_path, capsys):
 @pytest.mark.skipif(not os.environ.get("SYNCHFORMER_DEMO_MODEL"),
                     reason="needs a demo-trained model folder in SYNCHFORMER_DEMO_MODEL (synchformer-jax demo)")
 def test_demo_model_attribution_peaks_at_an_isolated_event(tmp_path):
-    report = at.isolated_event_check(os.environ["SYNCHFORMER_DEMO_MODEL"], num_samples=256,
-                                     plot_path=tmp_path / "event.png")
+    # A pulse-demo model (`synchformer-jax demo --config configs/demo_pulse.py`); the
+    # check reads the cue it was trained on from the model folder.
+    report = at.isolated_event_check(os.environ["SYNCHFORMER_DEMO_MODEL"], plot_path=tmp_path / "event.png")
     assert report["passed"], json.dumps(report, indent=1)
 
 
@@ -281,7 +282,8 @@ def test_isolated_event_check_runs_on_a_random_model(tiny_run, tmp_path):
     """The check's plumbing (the model is untrained, so `passed` is whatever it is)."""
     model_dir = pretrained.save_model(tmp_path / "model", tiny_run["params"], CONFIG)
     report = at.isolated_event_check(model_dir, num_samples=8, batch_size=8)
-    assert report["event"]["time_sec"] == 5.0 and report["event"]["kind"] == "onset"
+    # No provenance: the onset cue.
+    assert report["event"]["time_sec"] == 5.0 and report["event"]["kind"] == "onset" == report["kind"]
     # Event at 5.0 s (frame 125); video crop from 2.4 s (frame 60: event = crop frame 65 ->
     # interval 26), audio crop from 2.8 s (event = crop sample 35200 -> interval 22).
     assert report["v_start_sec"] == 2.4 and report["a_start_sec"] == 2.8
@@ -291,5 +293,10 @@ def test_isolated_event_check_runs_on_a_random_model(tiny_run, tmp_path):
     pulse = at.isolated_event_check(model_dir, num_samples=8, batch_size=8, kind="pulse", distractor_onset_sec=5.4)
     assert pulse["event"]["kind"] == "pulse" and pulse["event"]["duration_sec"] == pytest.approx(0.12)
     assert pulse["video"]["event_interval"] == 26 and pulse["distractor_onset_sec"] == 5.4
+    # A pulse-demo model folder: its provenance names the cue, the check follows it.
+    pulse_dir = pretrained.save_model(tmp_path / "pulse_model", tiny_run["params"], CONFIG,
+                                      provenance={"source": "synchformer-jax demo",
+                                                  "synthetic_clip": {"cue": "pulse", "height": 72, "width": 72}})
+    assert at.isolated_event_check(pulse_dir, num_samples=8, batch_size=8)["event"]["kind"] == "pulse"
     with pytest.raises(ValueError, match="distractor_onset_sec"):
         at.isolated_event_check(model_dir, num_samples=8, kind="flash", distractor_onset_sec=5.4)

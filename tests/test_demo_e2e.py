@@ -6,8 +6,14 @@ the cache -> evaluation on held-out clips at fixed offsets -> `eval_metrics.json
 `results.json` and a loadable model folder.
 """
 import json
+import logging
+import pathlib
+
+import numpy as np
 
 from synchformer_jax import checkpoint, demo, feature_cache, pretrained, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Global batches are multiples of the 8 devices; one block per extractor and one sync
 # layer keep the compiles short. Both stages get the same model overrides (stage II loads
@@ -66,6 +72,8 @@ def test_demo_end_to_end_with_resume(tmp_path):
     assert loaded.config.kind == "sync" and loaded.config.sync.num_offset_classes == 21
     assert loaded.config.video.img_size == c1.model.video.img_size
     assert set(loaded.params) >= {"vfeat_extractor", "afeat_extractor", "transformer"}
+    # Its provenance names the clips it learnt from (the attribution check reads the cue).
+    assert pretrained.read_provenance(tmp_path / demo.MODEL_DIR)["synthetic_clip"]["cue"] == "onset"
 
     # Stage II trained on the cache of exactly the extractors it kept frozen.
     manifest = json.loads((tmp_path / "feature_cache" / "manifest.json").read_text())
@@ -83,3 +91,22 @@ def test_demo_command_overrides(tmp_path, capsys):
     rc = cli.main(["demo", "--fast", "--workdir", str(tmp_path / "w"), "--set", "train.no_such_field=1"])
     assert rc == 2 and "no_such_field" in capsys.readouterr().err
     assert not (tmp_path / "w" / demo.SYNTHETIC_DIR).exists()
+
+
+def test_pulse_demo_trains_stage_two_through_the_window_curriculum(tmp_path, caplog):
+    """`configs/demo_pulse.py`: pulse clips, and stage II draws its cached windows through
+    the config's window curriculum (the trainer's path from `data.window_curriculum`)."""
+    config_path = REPO / "configs" / "demo_pulse.py"
+    ov = dict(OVERRIDES, **{"segment_avclip.train.num_steps": 1, "segment_avclip.train.checkpoint_every": 1,
+                            "segment_avclip.train.eval_every": 1})
+    c1, c2 = demo.stage_configs(config_path, fast=True, overrides=ov)
+    assert c1.data.synthetic_clip.cue == c2.data.synthetic_clip.cue == "pulse"
+    assert tuple(map(tuple, c2.data.window_curriculum.phases))[0] == (1000, 0.2)
+    with caplog.at_level(logging.INFO, logger="synchformer_jax.feature_cache"):
+        results = demo.run_demo(tmp_path, fast=True, config_path=config_path, overrides=ov, echo=lambda s: None)
+    assert results["stage2"]["count"] == 8
+    assert any("window curriculum [(1000, 0.2)" in r.getMessage() for r in caplog.records)
+    # Every cached clip has its one event as the anchor the phases centre on.
+    cache = feature_cache.FeatureCache(tmp_path / "feature_cache")
+    assert len(cache) == 8 and np.all(np.isfinite(cache.index["anchor_sec"]))
+    assert pretrained.read_provenance(tmp_path / demo.MODEL_DIR)["synthetic_clip"]["cue"] == "pulse"
