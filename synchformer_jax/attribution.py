@@ -154,14 +154,17 @@ def stream_peak(attr: StreamAttribution, event_interval: int, *, window: tuple[i
     standard errors (`0.5 / sqrt(n)`) above 0.5, at an interval set by the mask seed.
     The peak therefore counts only when it is within `window` intervals of
     `event_interval` AND its z-score `(peak - 0.5) / SE` is at least `min_z` (4: a
-    chance peak that high among 50 intervals has probability ~2e-3).
+    chance peak that high among 50 intervals has probability ~2e-3). Scores are shares of
+    the same n, so several intervals can share the highest one; the peak is then the one
+    of them nearest the event (the scores cannot tell them apart).
     """
     scores = np.asarray(attr.scores, float)
     if np.all(np.isnan(scores)):
         return {"event_interval": int(event_interval), "peak_interval": -1, "peak_score": None, "peak_z": None,
                 "event_score": None, "median_score": None, "num_correct": attr.num_correct,
                 "significant": False, "peak_at_event": False}
-    peak = int(np.nanargmax(scores))
+    top = np.flatnonzero(scores == np.nanmax(scores))
+    peak = int(top[np.argmin(np.abs(top - event_interval))])
     se = attr.standard_error()
     z = float((scores[peak] - 0.5) / se)
     at_event = window[0] <= peak - event_interval <= window[1]

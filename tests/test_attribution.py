@@ -143,6 +143,16 @@ def test_stream_peak_needs_a_peak_above_chance():
     assert hit["peak_interval"] == J and hit["peak_score"] == 1.0 and hit["peak_at_event"]
     assert hit["peak_z"] == pytest.approx(0.5 / real.standard_error())
     assert not at.stream_peak(real, J + 5)["peak_at_event"]  # significant, but elsewhere
+    # Two essential intervals tie at 1.0: the peak is the one nearer the event (either way
+    # a maximum), and an event far from both still misses.
+    def needs_both(masks):
+        masks = np.asarray(masks)
+        return np.eye(21)[np.where(masks[:, J] | masks[:, J + 8], TRUE + 6, TRUE)]  # True: masked
+
+    both = at.attribute_stream(needs_both, 50, TRUE, num_samples=256, seed=0)
+    assert both.scores[J] == both.scores[J + 8] == 1.0
+    assert at.stream_peak(both, J)["peak_interval"] == J and at.stream_peak(both, J + 8)["peak_interval"] == J + 8
+    assert at.stream_peak(both, J + 8)["peak_at_event"] and not at.stream_peak(both, J + 4)["peak_at_event"]
     none = at.attribute_stream(needs_j, 50, TRUE + 9, num_samples=16)  # never correct
     assert at.stream_peak(none, J) == {**at.stream_peak(none, J), "peak_interval": -1, "peak_at_event": False}
     json.dumps(at.stream_peak(none, J))
