@@ -40,13 +40,16 @@ def main(argv=None) -> int:
     p.add_argument("--offset-sec", type=float, default=0.4)
     p.add_argument("--distractor-onset-sec", type=float, default=None,
                    help="onset / pulse: a distractor whose lamp switches on at this clip time (default: lamp off)")
+    p.add_argument("--match-audio-level", action="store_true",
+                   help="scale the distractor's audio to the clip's typical loudness (attribute_clip)")
     p.add_argument("--min-z", type=float, default=4.0,
                    help="a peak must stand this many standard errors above 0.5 (chance peaks reach ~2.3)")
     p.add_argument("--plot", help="also write the attribution figure (PNG) here")
     a = p.parse_args(argv)
     report = isolated_event_check(a.model, seed=a.seed, event_time_sec=a.event_time_sec, offset_sec=a.offset_sec,
                                   kind=a.kind, sound=a.sound, num_samples=a.samples, batch_size=a.batch_size,
-                                  min_z=a.min_z, distractor_onset_sec=a.distractor_onset_sec, plot_path=a.plot)
+                                  min_z=a.min_z, distractor_onset_sec=a.distractor_onset_sec, plot_path=a.plot,
+                                  match_audio_level=a.match_audio_level)
     print(json.dumps(report, indent=1))
     return 0 if report["passed"] else 1
 

@@ -257,6 +257,7 @@ class ClipAttribution:
     interval_sec: float = INTERVAL_SEC
     seed: int = 0
     events: Optional[list] = None  # synthetic events (clip time), for the plot
+    distractor_audio_gain: float = 1.0  # the distractor's audio was scaled by this
 
     @property
     def predicted_offset_sec(self) -> float:
@@ -277,6 +278,7 @@ class ClipAttribution:
                 "predicted_class": self.predicted_class, "predicted_offset_sec": self.predicted_offset_sec,
                 "predicted_probability": float(self.probabilities[self.predicted_class]),
                 "tolerance_classes": self.tolerance, "seed": self.seed,
+                "distractor_audio_gain": round(float(self.distractor_audio_gain), 6),
                 "video": stream(self.video, self.v_start_sec, self.video_seen),
                 "audio": stream(self.audio, self.a_start_sec, self.audio_seen),
                 "events": self.events,
@@ -345,7 +347,8 @@ def attribute_clip(model, params, frames: np.ndarray, audio: np.ndarray, *, v_st
                    offset_sec: float, distractor_frames: np.ndarray, distractor_audio: np.ndarray,
                    distractor_start_sec: float = 0.0, num_samples: int = 256, batch_size: int = 16,
                    tolerance: int = 1, p_mask: float = 0.5, seed: int = 0,
-                   chunk_size: Optional[int] = None, events: Optional[list] = None) -> ClipAttribution:
+                   chunk_size: Optional[int] = None, events: Optional[list] = None,
+                   match_audio_level: bool = False) -> ClipAttribution:
     """Attribution of a Synchformer (offset head) on one decoded clip.
 
     Args:
@@ -363,6 +366,10 @@ def attribute_clip(model, params, frames: np.ndarray, audio: np.ndarray, *, v_st
       tolerance: a prediction within this many classes of the true one counts as correct.
       chunk_size: segments per extractor call (bounds memory; None = all at once).
       events: optional synthetic events (clip time) carried to the plot and JSON.
+      match_audio_level: scale the distractor's audio so that its typical loudness (the
+        median RMS of its 0.1-s intervals) is the clip's. A distractor much louder or
+        quieter than the clip puts a loudness step at every mask edge, and a step is
+        itself an audio event that a sync model may read as evidence (`audio_level_gain`).
     """
     from synchformer_jax.models.config import HEAD_OFFSET, KIND_SYNC
 
@@ -394,6 +401,8 @@ def attribute_clip(model, params, frames: np.ndarray, audio: np.ndarray, *, v_st
                          f"from {distractor_start_sec} s; has {d_frames.shape[0]} frames, {d_audio.shape[0]} samples")
     dist_v = np.ascontiguousarray(_center_crop(d_frames[dv0:dv0 + tc.v_crop_len], crop))
     dist_a = np.ascontiguousarray(d_audio[da0:da0 + tc.a_crop_len])
+    gain = audio_level_gain(base_a, dist_a) if match_audio_level else 1.0
+    dist_a = (dist_a * np.float32(gain)).astype(np.float32)
 
     fns = _masked_fns(cfg, tc.v_crop_len, tc.a_crop_len, chunk_size)
     if not (np.array_equal(fns.seg_frames, plan.segments.frame_indices)
@@ -429,7 +438,20 @@ def attribute_clip(model, params, frames: np.ndarray, audio: np.ndarray, *, v_st
         predicted_class=int(np.argmax(logits)), probabilities=probs, v_start_sec=tc.v_start_i / VIDEO_FPS,
         a_start_sec=tc.a_start_i / AUDIO_RATE, offset_sec=float(tc.offset_sec), tolerance=tolerance,
         video_seen=video_seen, audio_seen=audio_seen, video_crop=base_v, audio_crop=base_a, seed=seed,
-        events=events)
+        events=events, distractor_audio_gain=gain)
+
+
+def audio_level_gain(reference: np.ndarray, distractor: np.ndarray, interval: int = 1600) -> float:
+    """The gain that gives `distractor` the typical loudness of `reference`: the ratio of
+    their median RMS over 0.1-s intervals (the median, so that a few loud events do not
+    set the level). 1.0 when the distractor is silent (nothing to scale)."""
+    def typical_rms(x: np.ndarray) -> float:
+        x = np.asarray(x, np.float64)
+        n = max(1, x.size // interval)
+        return float(np.median(np.sqrt(np.mean(x[:n * interval].reshape(n, -1) ** 2, axis=1))))
+
+    d = typical_rms(distractor)
+    return typical_rms(reference) / d if d > 0 else 1.0
 
 
 # ------------------------------------------------------------------------------- plots
@@ -539,6 +561,7 @@ def isolated_event_check(model_dir: str | os.PathLike, *, seed: int = 0, event_t
                          sound: str = "burst", num_samples: int = 1024, batch_size: int = 32,
                          clip_size: Optional[int] = None, peak_window: tuple[int, int] = (-1, 2),
                          min_z: float = 4.0, distractor_onset_sec: Optional[float] = None,
+                         match_audio_level: bool = False,
                          plot_path: Optional[str | os.PathLike] = None) -> dict[str, Any]:
     """Does the attribution of a (demo-trained) model peak at a lone synthetic event?
 
@@ -582,10 +605,12 @@ def isolated_event_check(model_dir: str | os.PathLike, *, seed: int = 0, event_t
     d_start = 0.0 if distractor_onset_sec is None else v_start_sec
     result = attribute_clip(model, loaded.params, frames, audio, v_start_sec=v_start_sec, offset_sec=offset_sec,
                             distractor_frames=d_frames, distractor_audio=d_audio, distractor_start_sec=d_start,
-                            num_samples=num_samples, batch_size=batch_size, seed=seed, events=events)
+                            num_samples=num_samples, batch_size=batch_size, seed=seed, events=events,
+                            match_audio_level=match_audio_level)
     event = events[0]
     report: dict[str, Any] = {"model": str(model_dir), "kind": kind, "num_samples": num_samples, "event": event,
                               "distractor_onset_sec": distractor_onset_sec,
+                              "distractor_audio_gain": result.distractor_audio_gain,
                               "v_start_sec": result.v_start_sec,
                               "a_start_sec": result.a_start_sec, "true_class": result.true_class,
                               "predicted_class": result.predicted_class,
@@ -621,6 +646,9 @@ def add_attribute_parser(subparsers) -> None:
                    help="media file whose content fills masked intervals, or 'synthetic' (a procedural clip "
                         "without audio-visual events, at the video's frame size)")
     p.add_argument("--distractor-start-sec", type=float, default=0.0)
+    p.add_argument("--match-audio-level", action="store_true",
+                   help="scale the distractor's audio to the clip's typical loudness, so that mask edges "
+                        "do not add loudness steps (audio events of their own)")
     p.add_argument("--samples", type=int, default=256, help="random masks per stream (K)")
     p.add_argument("--batch-size", type=int, default=16, help="masks per model call")
     p.add_argument("--chunk-size", type=int, default=None, help="segments per extractor call (memory bound)")
@@ -655,7 +683,8 @@ def attribute_cli(args: argparse.Namespace) -> int:
                                 v_start_sec=args.v_start_sec, offset_sec=args.offset_sec, distractor_frames=d_frames,
                                 distractor_audio=d_audio, distractor_start_sec=args.distractor_start_sec,
                                 num_samples=args.samples, batch_size=args.batch_size, tolerance=args.tolerance,
-                                seed=args.seed, chunk_size=args.chunk_size)
+                                seed=args.seed, chunk_size=args.chunk_size,
+                                match_audio_level=args.match_audio_level)
     except ValueError as e:
         print(f"error: {args.video}: {e}", file=sys.stderr)
         return 2

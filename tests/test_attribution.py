@@ -120,6 +120,17 @@ def test_an_ignored_stream_scores_one_half_everywhere_and_tolerance():
     assert strict["audio"].num_correct == 0 and np.isnan(strict["audio"].scores).all()
 
 
+def test_audio_level_gain_matches_typical_loudness():
+    rng = np.random.default_rng(0)
+    clip = rng.normal(0, 0.01, 80000).astype(np.float32)
+    clip[40000:41600] += 0.5 * np.sin(np.arange(1600) / 3.0)  # one loud event: not the typical level
+    distractor = rng.normal(0, 0.04, 80000).astype(np.float32)
+    gain = at.audio_level_gain(clip, distractor)
+    assert gain == pytest.approx(0.25, rel=0.03)
+    assert at.audio_level_gain(clip, np.zeros(80000, np.float32)) == 1.0  # a silent distractor stays silent
+    assert at.audio_level_gain(distractor, distractor) == pytest.approx(1.0)
+
+
 def test_stream_peak_needs_a_peak_above_chance():
     """An ignored stream still has a highest score somewhere (set by the mask seed); it
     must not count as a peak at the event even when it lands on the event's interval."""
@@ -264,11 +275,13 @@ def test_attribute_cli_writes_json_and_png(tiny_run, tmp_path, capsys):
     video = _write_clip(tmp_path / "clip.mkv", frames, audio)
     out = tmp_path / "out"
     rc = cli.main(["attribute", str(video), "--checkpoint", str(model_dir), "--v-start-sec", "0.5",
-                   "--offset-sec", "-0.2", "--samples", "8", "--batch-size", "8", "--out", str(out)])
+                   "--offset-sec", "-0.2", "--samples", "8", "--batch-size", "8", "--match-audio-level",
+                   "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     record = json.loads((out / "attribution.json").read_text())
     assert record["true_offset_sec"] == pytest.approx(-0.2) and len(record["video"]["scores"]) == 50
     assert record["video"]["num_masks"] == 8 and record["audio"]["window_start_sec"] == pytest.approx(0.3)
+    assert record["distractor_audio_gain"] > 0 and record["distractor_audio_gain"] != 1.0
     assert (out / "attribution.png").read_bytes()[:4] == b"\x89PNG"
     # A missing file is one error line, not a traceback.
     assert cli.main(["attribute", str(tmp_path / "nope.mp4"), "--checkpoint", str(model_dir),
