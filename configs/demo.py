@@ -39,7 +39,8 @@ CLIP_SIZE = 72
 # hundred steps. The sparse events stay the synthetic default for everything else.
 # (Single short pulses do leave the plateau when the windows are first centred on them
 # and then widened, `data.window_curriculum`; the schedule that reaches the official
-# windows needs ~8,000 steps, over this demo's budget: docs/benchmarks.md.)
+# windows needs ~8,000 steps, over this demo's budget: configs/demo_pulse.py, whose
+# model is the one evidence attribution can pin to an event.)
 CLIP = dict(cue="onset")
 
 # Stage II trains on a feature cache of the frozen stage-I extractors, built by the
