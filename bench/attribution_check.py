@@ -40,8 +40,9 @@ def main(argv=None) -> int:
     p.add_argument("--offset-sec", type=float, default=0.4)
     p.add_argument("--distractor-onset-sec", type=float, default=None,
                    help="onset / pulse: a distractor whose lamp switches on at this clip time (default: lamp off)")
-    p.add_argument("--match-audio-level", action="store_true",
-                   help="scale the distractor's audio to the clip's typical loudness (attribute_clip)")
+    p.add_argument("--match-audio-level", action=argparse.BooleanOptionalAction, default=True,
+                   help="scale the distractor's audio to the clip's typical loudness (attribute_clip); "
+                        "--no-match-audio-level: the distractor as it is")
     p.add_argument("--min-z", type=float, default=4.0,
                    help="a peak must stand this many standard errors above 0.5 (chance peaks reach ~2.3)")
     p.add_argument("--plot", help="also write the attribution figure (PNG) here")

@@ -561,7 +561,7 @@ def isolated_event_check(model_dir: str | os.PathLike, *, seed: int = 0, event_t
                          sound: str = "burst", num_samples: int = 1024, batch_size: int = 32,
                          clip_size: Optional[int] = None, peak_window: tuple[int, int] = (-1, 2),
                          min_z: float = 4.0, distractor_onset_sec: Optional[float] = None,
-                         match_audio_level: bool = False,
+                         match_audio_level: bool = True,
                          plot_path: Optional[str | os.PathLike] = None) -> dict[str, Any]:
     """Does the attribution of a (demo-trained) model peak at a lone synthetic event?
 
@@ -575,9 +575,12 @@ def isolated_event_check(model_dir: str | os.PathLike, *, seed: int = 0, event_t
     intervals of the onset (-1..+2: the flash fades over 4 frames and the sound decays
     over up to 0.3 s after the onset) and stands `min_z` standard errors above 0.5.
     `num_samples` masks per stream: a peak needs z >= `min_z` with only the masks whose
-    prediction stayed correct, and where a distractor's different background breaks
-    many of them (one in six for the pulse demo's audio at seed 0) 256 masks leave too
-    few for z 4 even at a score of ~0.7 (docs/benchmarks.md).
+    prediction stayed correct, and where the masks break many of them (one in six of
+    the pulse demo's audio masks at seed 0 with a distractor 4x louder than the clip)
+    256 masks leave too few for z 4 even at a score of ~0.7 (docs/benchmarks.md).
+    `match_audio_level` (`attribute_clip`): on by default here, where the question is
+    whether the model reads the event, not how it takes loudness steps the masks would
+    add (the synthetic backgrounds' noise levels differ by up to 10x between clips).
     `distractor_onset_sec` (onset / pulse only): the distractor is a clip of the same
     kind, its lamp switching on at that clip time, cut from the video crop's start
     (so both lamps are off before, and on after, both onsets); the default None keeps
