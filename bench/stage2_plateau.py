@@ -196,11 +196,11 @@ def main():
 
     def sample(V, A, onset_sec, r, lo, hi, n, jitter=None, keep_centred=0.0):
         clip = r.integers(lo, hi, size=n)
-        # `keep_centred`: this share of the rows keeps the first phase's centring (0.2 s)
-        per_row = [0.2 if b < round(keep_centred * n) else jitter for b in range(n)]
         if jitter is None and not keep_centred:
             k, c = pairs[r.integers(len(pairs), size=n)].T
         else:  # only video windows whose centre is within `jitter` s of the clip's switch
+            # `keep_centred`: this share of the rows keeps the first phase's centring (0.2 s)
+            per_row = [0.2 if b < round(keep_centred * n) else jitter for b in range(n)]
             k, c = np.empty(n, int), np.empty(n, int)
             for b, i in enumerate(clip):
                 j = np.inf if per_row[b] is None else per_row[b]
@@ -235,8 +235,8 @@ def main():
     for cue, pulse_sec, jitter, steps in phases:
         if jitter is not None and cue == "events":
             raise SystemExit("--phases: ~JITTER needs the onset or pulse cue (one switch per clip)")
-        V, A, onset_sec = oracle_features(args.clips + args.eval_clips, dim, (args.gap_min, args.gap_max), args.identity,
-                               args.aligned, rng, cue=cue, pulse_sec=pulse_sec)
+        V, A, onset_sec = oracle_features(args.clips + args.eval_clips, dim, (args.gap_min, args.gap_max),
+                                          args.identity, args.aligned, rng, cue=cue, pulse_sec=pulse_sec)
         ve, ae, ye = sample(V, A, onset_sec, np.random.default_rng(args.seed + 1), args.clips,
                             args.clips + args.eval_clips, 512, jitter)
         for phase_step in range(1, steps + 1):

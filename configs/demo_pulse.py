@@ -15,19 +15,13 @@
 # clips at their official fixed offsets (chance 4.8 %), 2,332 s wall (stage II 2,122 s);
 # with `--set seed=1 --set data.synthetic_seed=1`: 88.3 % / 98.0 %.
 """Pulse demo configs: `get_config("segment_avclip")` / `get_config("sync")`, as configs/demo.py."""
-import importlib.util
 import pathlib
 
+from synchformer_jax import demo
+
 ARGS = ("segment_avclip", "sync")  # the documented arguments (",fast" as configs/demo.py)
-
-
-def _demo_module():
-    # The onset demo's config file beside this one (config files are not a package).
-    path = pathlib.Path(__file__).with_name("demo.py")
-    spec = importlib.util.spec_from_file_location("_synchformer_demo_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# The onset demo's config file beside this one (config files are not a package).
+ONSET_DEMO = pathlib.Path(__file__).with_name("demo.py")
 
 
 # Stage II's window curriculum (synthetic clips with one event only; feature cache
@@ -47,9 +41,8 @@ SYNC_STEPS = sum(steps for steps, _ in PHASES) + 1000
 
 
 def get_config(arg: str = "sync"):
-    demo = _demo_module()
     stage, *opts = [a.strip() for a in arg.split(",")]
-    c = demo.get_config(arg)
+    c = demo.load_config(ONSET_DEMO, arg)
     c.data.synthetic_clip = dict(c.data.synthetic_clip, cue="pulse")
     if stage == "sync":
         c.data.window_curriculum = dict(phases=PHASES, keep_centred=KEEP_CENTRED)

@@ -402,7 +402,8 @@ def attribute_clip(model, params, frames: np.ndarray, audio: np.ndarray, *, v_st
     dist_v = np.ascontiguousarray(_center_crop(d_frames[dv0:dv0 + tc.v_crop_len], crop))
     dist_a = np.ascontiguousarray(d_audio[da0:da0 + tc.a_crop_len])
     gain = audio_level_gain(base_a, dist_a) if match_audio_level else 1.0
-    dist_a = (dist_a * np.float32(gain)).astype(np.float32)
+    if match_audio_level:
+        dist_a = dist_a * np.float32(gain)
 
     fns = _masked_fns(cfg, tc.v_crop_len, tc.a_crop_len, chunk_size)
     if not (np.array_equal(fns.seg_frames, plan.segments.frame_indices)
