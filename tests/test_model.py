@@ -161,3 +161,36 @@ def test_bad_input_shapes_are_named():
         model.apply({"params": params}, video[0], audio)
     with pytest.raises(ValueError, match=r"audio must be"):
         model.apply({"params": params}, video, audio[:, :, :, :, :, None])
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)])
+def test_single_query_attention_equals_generic_attention(dtype, tol):
+    """The CLS query's packed-head attention against the generic path, jitted (XLA-CPU
+    fusions are where such rewrites go wrong), values and gradients, an odd key count."""
+    from synchformer_jax.models import layers
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(0, 1, shape), dtype) for shape in
+               ((3, 4, 8), (3, 37, 4, 8), (3, 37, 4, 8)))
+
+    def packed(q, k, v):
+        return layers.single_query_attention(q, k, v)
+
+    def generic(q, k, v):
+        return layers.attention(q[:, None], k, v, scale=1.0)[:, 0]
+
+    got, want = jax.jit(packed)(q, k, v), jax.jit(generic)(q, k, v)
+    assert got.shape == (3, 4, 8) and got.dtype == dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol)
+    # The heads must not mix: changing head 0's keys leaves the other heads' outputs alone.
+    moved = jax.jit(packed)(q, k.at[:, :, 0].multiply(-3.0), v)
+    np.testing.assert_array_equal(np.asarray(moved[:, 1:], np.float32), np.asarray(got[:, 1:], np.float32))
+    assert not np.allclose(np.asarray(moved[:, 0], np.float32), np.asarray(got[:, 0], np.float32))
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v).astype(jnp.float32)))
+
+    grads = jax.jit(jax.grad(loss(packed), argnums=(0, 1, 2)))(q, k, v)
+    ref = jax.jit(jax.grad(loss(generic), argnums=(0, 1, 2)))(q, k, v)
+    for g, r in zip(grads, ref):
+        assert g.dtype == dtype
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), atol=5 * tol)

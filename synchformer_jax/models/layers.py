@@ -73,6 +73,31 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
     return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
 
 
+def single_query_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """One query per sequence over all of its keys: `q [N, H, d]` (already scaled),
+    `k, v [N, L, H, d]` -> `[N, H, d]`. Softmax in float32, as in `attention`.
+
+    The Motionformer's CLS token attends to all 1,569 tokens twice per block. Through the
+    generic path (XLA) that single query makes XLA copy k and v into head-major layout,
+    two full copies of the block's keys and values for two tiny products. Here the heads
+    stay packed: the logits are one matmul of the keys `[L, H*d]` with a block-diagonal
+    `[H*d, H]` query matrix, and the output is `p^T [H, L] @ v [L, H*d]`, of which the
+    diagonal head blocks are kept. That is H times the FLOPs of the two products (0.1 % of
+    a block) and no copies: the Motionformer block's forward is ~8 % faster on 2 CPU
+    cores (docs/benchmarks.md).
+    """
+    n, length, heads, head_dim = k.shape
+    block_diag = (q[:, :, :, None] * jnp.eye(heads, dtype=q.dtype)[None, :, None, :])
+    logits = jnp.einsum("nlc,nch->nlh", k.reshape(n, length, heads * head_dim),
+                        block_diag.reshape(n, heads * head_dim, heads),
+                        preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits, axis=1).astype(v.dtype)
+    every_head = jnp.einsum("nlh,nlc->nhc", probs, v.reshape(n, length, heads * head_dim),
+                            preferred_element_type=jnp.float32).reshape(n, heads, heads, head_dim)
+    head = jnp.arange(heads)
+    return every_head[:, head, head].astype(v.dtype)
+
+
 # cuDNN's fused attention takes odd sequence lengths (the Motionformer's 9, 197 and 1,569
 # keys) in inference but not in training: with jax 0.11.2 / cuDNN 9.19 on an H100 its
 # training forward rule raised "Unsupported sequence length Q 1, KV 1569" (2026-11-23,

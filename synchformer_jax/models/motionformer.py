@@ -40,7 +40,7 @@ class DividedAttention(nn.Module):
         head_dim = self.dim // self.num_heads
         q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
 
-        cls_out = layers.attention(q[:, :1], k, v, scale=1.0)  # [N, 1, H, d]
+        cls_out = layers.single_query_attention(q[:, 0], k, v)[:, None]  # [N, 1, H, d]
 
         def group(t: jax.Array) -> jax.Array:
             t = t[:, 1:].reshape(n, num_frames, num_patches, self.num_heads, head_dim)
