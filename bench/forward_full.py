@@ -40,6 +40,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ also when imported by path
 from hostinfo import cpu_model, pin_threads, reset_peak_rss, vm_hwm_bytes  # noqa: E402
 
+from synchformer_jax import xla_cpu  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "torch_official_worker.py")
 GIB = 1024 ** 3
@@ -280,6 +282,7 @@ def main(argv=None) -> int:
     # Before jax (or anything threaded) starts: the affinity decides XLA's pool size.
     cpus = pin_threads(args.threads)
     threads = len(cpus)
+    xla_cpu.disable_ynn_fusion()  # as the CLI does
 
     own_work = args.work_dir is None
     work = tempfile.mkdtemp(prefix="synchformer_bench_") if own_work else os.path.abspath(args.work_dir)

@@ -31,6 +31,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ also when imported by path
 from hostinfo import pin_threads  # noqa: E402
 
+from synchformer_jax import xla_cpu  # noqa: E402
+
 
 def write_clip(path: pathlib.Path, seed: int, seconds: float = 10.0) -> None:
     """A synthetic clip (events in picture and sound) as a contract-conforming mp4."""
@@ -104,6 +106,7 @@ def main() -> int:
     ap.add_argument("--json-out")
     args = ap.parse_args()
     cpus = pin_threads(args.threads)
+    xla_cpu.disable_ynn_fusion()  # as the CLI does
 
     import jax
     import numpy as np

@@ -57,6 +57,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent
 if str(REPO) not in sys.path:  # the parent reads models/config.py (no jax) without an install
     sys.path.insert(0, str(REPO))
+from synchformer_jax import xla_cpu  # noqa: E402  (standard library only)
 WORKER = HERE / "torch_official_train_worker.py"
 MODES = ("infer", "stage2", "stage1")
 GIB = 2 ** 30
@@ -984,6 +985,7 @@ def main(argv=None) -> int:
         print(fmt_table(rows_of(report), report))
         return 0
     cpus = pin_threads(args.threads, single_thread_xla=False)
+    xla_cpu.disable_ynn_fusion()  # as the CLI does; the JAX children inherit XLA_FLAGS
     gpu = _detect_gpu(args)
     defaults(args, gpu)
     modes = [m for m in args.modes.split(",") if m]

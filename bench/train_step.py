@@ -57,6 +57,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ also when imported by path
 from hostinfo import cpu_model  # noqa: E402
 
+from synchformer_jax import xla_cpu  # noqa: E402
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CASES = ("tiny-I", "tiny-II", "full-I", "full-II")
 
@@ -353,6 +355,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:  # before jax starts: XLA sizes its CPU thread pool from the mask
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
+    xla_cpu.disable_ynn_fusion()  # as the CLI does (the children inherit XLA_FLAGS)
     if args.child:
         child_main(args)
         return 0
