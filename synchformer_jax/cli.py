@@ -442,9 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from synchformer_jax import pretrained, torch_pickle, xla_cpu
+    from synchformer_jax.models import convert_torch
 
     xla_cpu.disable_ynn_fusion()  # before any command runs jax: see xla_cpu
-    from synchformer_jax.models import convert_torch
 
     parser = build_parser()
     # train/eval pass the `--config.x.y=value` overrides on to ml_collections.

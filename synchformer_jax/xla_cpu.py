@@ -2,7 +2,7 @@
 
 jaxlib 0.10 and 0.11 compile CPU matmuls, element-wise ops and reductions into YNNPACK
 fusions by default. For this model the other path (XLA's own dot and loop emitters) is
-faster: the full-size forward on 2 cores of an Intel Xeon took 24.7 s instead of 32.7 s
+faster: the full-size forward on 2 cores of an Intel Xeon took 25.0 s instead of 32.7 s
 per clip, and one Motionformer block 255-280 ms instead of 285-318 ms (docs/benchmarks.md,
 "Full-size side by side, CPU"). The YNN path also miscompiles on jaxlib 0.10.2: a product
 of two broadcast operands reduced over their last axis, the operands being slices of a
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import sys
 from typing import MutableMapping, Optional
 
 FLAG_NAME = "xla_cpu_experimental_ynn_fusion_type"
@@ -40,6 +41,8 @@ def _jaxlib_line() -> Optional[tuple[int, int]]:
 
 
 def _backends_started() -> bool:
+    if "jax" not in sys.modules:  # not imported, so nothing started (and no import here)
+        return False
     try:
         from jax._src import xla_bridge
     except ImportError:
