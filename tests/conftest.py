@@ -7,6 +7,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+# The CLI turns XLA:CPU's YNNPACK fusions off (synchformer_jax/xla_cpu.py) when it runs in
+# a process whose backends have not started; in this one process that would depend on
+# test order. The suite keeps jax's default (what library users get); tests/test_xla_cpu.py
+# runs the CLI's setting in fresh processes.
+os.environ.setdefault("SYNCHFORMER_JAX_KEEP_YNN", "1")
 
 import pathlib  # noqa: E402
 
