@@ -43,6 +43,7 @@ import json
 import os
 import pathlib
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -51,6 +52,7 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ also when imported by path
+import op_profile  # noqa: E402  (imports jax only to capture)
 from hostinfo import cpu_model, pin_threads  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -121,6 +123,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--case-timeout", type=float, default=1800.0, help="seconds per JAX case / torch worker")
     ap.add_argument("--flops", action="store_true",
                     help="only the FLOP table: analytic per part vs XLA cost analysis (compile only, CPU)")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="after timing, trace STEPS more steps of every JAX case with jax.profiler and "
+                         "print where the device time went (op categories, model scopes, top ops; "
+                         "bench/op_profile.py); traces kept under --profile-dir")
+    ap.add_argument("--profile-dir", default=None,
+                    help="where the traces go (default: a 'traces' folder beside --json-out, else ./sbs_traces)")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -267,6 +275,23 @@ def _mem_analysis(compiled) -> dict:
         return {}
 
 
+def _profile(spec, run, compiled) -> dict | None:
+    """`spec["profile"]` more steps under the profiler, summarised per op (op_profile)."""
+    if not spec.get("profile"):
+        return None
+    try:
+        text = compiled.as_text()
+        trace_dir = os.path.join(spec["profile_dir"], re.sub(r"[^\w.=-]", "_", spec["label"]))
+        trace = op_profile.capture(run, spec["profile"], trace_dir)
+        summary = op_profile.summarise(op_profile.load_op_times(trace, op_profile.module_name(text)),
+                                       op_profile.parse_hlo(text), spec["profile"])
+        summary["trace"] = trace
+        print(op_profile.format_summary(summary, title=f"profile {spec['label']}: "), flush=True)
+        return summary
+    except Exception as e:  # noqa: BLE001 - a profile is extra; the timing stands without it
+        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+
+
 def _time(fn, warmup: int, steps: int):
     import jax
 
@@ -390,7 +415,9 @@ def child_infer(spec) -> dict:
     phases["first_run_s"] = time.perf_counter() - t
     times, cpu, out = _time(lambda: compiled(params, video, audio), spec["warmup"], spec["steps"])
     logits = np.asarray(out, np.float32)
+    profile = _profile(spec, lambda: compiled(params, video, audio), compiled)
     return {"batch": b, "compile_s": compile_s, "phases": phases, "times_s": times, "step_s": statistics.median(times),
+            "profile": profile,
             "cpu_s_per_step": statistics.median(cpu), "xla_flops": _cost_flops(compiled),
             "memory_plan": _mem_analysis(compiled), "peak_device_bytes": _peak_dev_bytes(dev),
             "finite": bool(np.isfinite(logits).all()), "attention": att.report(_hlo_text(compiled)),
@@ -531,12 +558,13 @@ def child_train(spec) -> dict:
 
             times, cpu, (state, metrics) = _time(step, spec["warmup"], spec["steps"])
             loss = float(metrics["loss"])
+            profile = _profile(spec, step, compiled)
             res = {"batch": b, "compile_s": compile_s, "phases": phases, "times_s": times, "step_s": statistics.median(times),
                    "cpu_s_per_step": statistics.median(cpu), "xla_flops": _cost_flops(compiled),
                    "memory_plan": _mem_analysis(compiled), "peak_device_bytes": _peak_dev_bytes(dev),
                    "loss": loss, "finite": bool(np.isfinite(loss)), "remat": spec.get("remat", False),
-                   "attention": att.report(_hlo_text(compiled)), "search": search,
-                   "params": int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params)))}
+                   "attention": att.report(_hlo_text(compiled)), "search": search, "profile": profile,
+                   "params": int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(holder["state"].params)))}
             if spec.get("e2e"):
                 res["e2e"] = _e2e(trainer, compiled, holder, hb, rng, spec)
             return res
@@ -903,6 +931,15 @@ def fmt_table(rows, report) -> str:
     return "\n".join(lines)
 
 
+def fmt_profiles(report) -> str:
+    """The `--profile` summaries of the JAX cases, after the table."""
+    out = []
+    for key, r in report.get("jax", {}).items():
+        if (r.get("profile") or {}).get("op_ms_per_step") is not None:
+            out.append("\n" + op_profile.format_summary(r["profile"], title=f"{key} (step {r['step_s'] * 1e3:.1f} ms): "))
+    return "\n".join(out)
+
+
 def fmt_flops(fl: dict) -> str:
     lines = ["| part | analytic GFLOP | XLA cost analysis GFLOP |", "|---|---:|---:|"]
     an, x = fl["analytic"], fl.get("xla", {})
@@ -982,7 +1019,7 @@ def main(argv=None) -> int:
     if args.from_json:
         with open(args.from_json) as f:
             report = json.load(f)
-        print(fmt_table(rows_of(report), report))
+        print(fmt_table(rows_of(report), report) + fmt_profiles(report))
         return 0
     cpus = pin_threads(args.threads, single_thread_xla=False)
     xla_cpu.disable_ynn_fusion()  # as the CLI does; the JAX children inherit XLA_FLAGS
@@ -996,7 +1033,10 @@ def main(argv=None) -> int:
     common = {"size": args.size, "img_size": args.img_size, "dtype": args.dtype, "attention": args.attention,
               "steps": args.steps, "warmup": args.warmup, "max_batch": args.max_batch,
               "bytes_limit": int(args.bytes_limit_gib * GIB) if args.bytes_limit_gib else None,
-              "init": args.init}
+              "init": args.init, "profile": args.profile,
+              "profile_dir": os.path.abspath(args.profile_dir or os.path.join(
+                  os.path.dirname(os.path.abspath(args.json_out)) if args.json_out else ".",
+                  "traces" if args.json_out else "sbs_traces"))}
 
     if args.flops:
         res = run_child(args, dict(common, kind="flops", platform="cpu"))
@@ -1051,7 +1091,7 @@ def main(argv=None) -> int:
           f"{'' if not pk else f'{pk / 1e12:.1f} TFLOP/s'}"
           + (f"; torch {'fp16' if gpu else 'float32'} matmul {torch_res['matmul_peak_flops'] / 1e12:.1f} TFLOP/s"
              if torch_res and torch_res.get("matmul_peak_flops") else ""))
-    print(table)
+    print(table + fmt_profiles(report))
     write_json(args.json_out, report)
     if args.json_out:
         print(f"wrote {args.json_out}")

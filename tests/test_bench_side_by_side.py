@@ -24,7 +24,7 @@ def test_tiny_cpu_json_and_table(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--size", "tiny", "--platform", "cpu", "--modes", "infer",
          "--batch-infer", "1", "--steps", "1", "--warmup", "0", "--peak-tflops", "0.1",
-         "--json-out", str(out)],
+         "--profile", "1", "--json-out", str(out)],
         capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| infer | synchformer-jax | default | float32 | 1 |" in proc.stdout
@@ -43,6 +43,14 @@ def test_tiny_cpu_json_and_table(tmp_path):
     analytic = report["flops_per_clip"]["infer"]
     assert 0.85 < res["xla_flops"] / analytic < 1.15
     assert "table_markdown" in report
+    # --profile: the traced step's op time, placed in the model, printed after the table.
+    prof = res["profile"]
+    assert "error" not in prof, prof
+    assert pathlib.Path(prof["trace"]).is_file() and str(tmp_path / "traces") in prof["trace"]
+    assert prof["ops_unmatched_in_hlo_ms"] == 0 and prof["by_category_ms"]["matmul/conv"] > 0
+    scopes = {r["scope"] for r in prof["by_scope_ms"]}
+    assert {"vfeat_extractor/blocks_*/attn", "vfeat_extractor/blocks_*/timeattn"} & scopes, scopes
+    assert "infer (step " in proc.stdout and "device op time" in proc.stdout
 
 
 def test_rows_ratio_and_mfu():
