@@ -14,6 +14,9 @@ its `op_name` metadata, which carries the Flax module path
                         parse_hlo(compiled.as_text()), steps=2)
     print(format_summary(summary))
 
+or, for a trace folder that holds the module's text as `*.hlo.txt` (what
+`side_by_side.py --profile` leaves): `python bench/op_profile.py TRACE_DIR [--steps N]`.
+
 Summed op time can exceed wall time on a CPU (thunks run concurrently on its threads);
 on a GPU with one compute stream it is the busy time of the device.
 """
@@ -244,17 +247,42 @@ def load_op_times(trace_path: str, module: str = "") -> dict[str, dict]:
     process = {e.get("pid"): (e.get("args") or {}).get("name", "") for e in events
                if e.get("ph") == "M" and e.get("name") == "process_name"}
 
+    # XLA:CPU runs a multi-threaded op (a dot, a large fusion) asynchronously: its event
+    # covers the launch only and an `end: <op>` event marks its completion, so an op's
+    # time is from its start to the end of its k-th `end:` event.
+    ends: dict[str, list[float]] = collections.defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X" and str(e.get("name", "")).startswith("end: "):
+            ends[e["name"][len("end: "):]].append(float(e.get("ts", 0.0)) + float(e.get("dur", 0.0)))
+    for v in ends.values():
+        v.sort()
+
     def op_events(device_only: bool):
+        picked = []
         for e in events:
             args = e.get("args") or {}
             if e.get("ph") != "X" or "hlo_op" not in args:
                 continue
             if device_only and not process.get(e.get("pid"), "").startswith("/device:"):
                 continue
+            picked.append(e)
+        picked.sort(key=lambda e: float(e.get("ts", 0.0)))
+        used: dict[str, int] = collections.defaultdict(int)
+        for e in picked:
+            args = e["args"]
+            dur = float(e.get("dur", 0.0))
+            done = ends.get(e["name"], [])
+            i = used[e["name"]]
+            while i < len(done) and done[i] < float(e.get("ts", 0.0)):
+                i += 1
+            if i < len(done):
+                dur = max(dur, done[i] - float(e.get("ts", 0.0)))
+                i += 1
+            used[e["name"]] = i
             mod = str(args.get("hlo_module", ""))
             if module and not (mod == module or mod.startswith(module + ".") or module.startswith(mod + ".")):
                 continue
-            yield args["hlo_op"], float(e.get("dur", 0.0))
+            yield args["hlo_op"], dur
 
     found = list(op_events(device_only=True)) or list(op_events(device_only=False))
     times: dict[str, dict] = collections.defaultdict(lambda: {"us": 0.0, "count": 0})
@@ -297,9 +325,12 @@ def summarise(op_times: dict[str, dict], ops: dict[str, HloOp], steps: int, top:
     }
 
 
-def format_summary(summary: dict, title: str = "") -> str:
+def format_summary(summary: dict, title: str = "", step_ms: Optional[float] = None) -> str:
+    """The summary as text; given the step's timed wall time, also the share of it that
+    ops fill (on a GPU, the rest is the device waiting: launch gaps, host work)."""
     total = summary["op_ms_per_step"] or 1e-9
     lines = [f"{title}device op time {summary['op_ms_per_step']:.1f} ms/step over {summary['ops_seen']} ops"
+             + (f" = {100 * total / step_ms:.0f} % of the {step_ms:.1f}-ms step" if step_ms else "")
              + (f" ({summary['ops_unmatched_in_hlo_ms']:.1f} ms not found in the HLO)"
                 if summary["ops_unmatched_in_hlo_ms"] else "")]
     for c, v in sorted(summary["by_category_ms"].items(), key=lambda kv: -kv[1]):
@@ -309,3 +340,28 @@ def format_summary(summary: dict, title: str = "") -> str:
         cats = ", ".join(f"{c.split(' ')[0]} {v:.1f}" for c, v in list(s["by_category_ms"].items())[:3])
         lines.append(f"  {s['scope'][:56]:<56} {s['direction']:<3} {s['ms']:9.1f} ms  ({cats})")
     return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Summarise a profiled step: python bench/op_profile.py TRACE_DIR")
+    ap.add_argument("trace_dir", help="folder with the Chrome-trace JSON (searched recursively) and the module's *.hlo.txt")
+    ap.add_argument("--steps", type=int, default=1, help="steps in the trace (times are per step)")
+    ap.add_argument("--top", type=int, default=12)
+    args = ap.parse_args(argv)
+    traces = sorted(glob.glob(os.path.join(args.trace_dir, "**", "*perfetto_trace.json.gz"), recursive=True),
+                    key=os.path.getmtime)
+    hlo = sorted(glob.glob(os.path.join(args.trace_dir, "**", "*.hlo.txt"), recursive=True))
+    if not traces or not hlo:
+        raise SystemExit(f"{args.trace_dir}: needs a perfetto_trace.json.gz and a *.hlo.txt "
+                         f"(found {len(traces)} and {len(hlo)})")
+    with open(hlo[0]) as f:
+        text = f.read()
+    summary = summarise(load_op_times(traces[-1], module_name(text)), parse_hlo(text), args.steps, args.top)
+    print(format_summary(summary, title=f"{traces[-1]}: "))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

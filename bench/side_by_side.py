@@ -283,6 +283,8 @@ def _profile(spec, run, compiled) -> dict | None:
         text = compiled.as_text()
         trace_dir = os.path.join(spec["profile_dir"], re.sub(r"[^\w.=-]", "_", spec["label"]))
         trace = op_profile.capture(run, spec["profile"], trace_dir)
+        with open(os.path.join(trace_dir, "module.hlo.txt"), "w") as f:  # to re-summarise offline
+            f.write(text)
         summary = op_profile.summarise(op_profile.load_op_times(trace, op_profile.module_name(text)),
                                        op_profile.parse_hlo(text), spec["profile"])
         summary["trace"] = trace
@@ -936,7 +938,7 @@ def fmt_profiles(report) -> str:
     out = []
     for key, r in report.get("jax", {}).items():
         if (r.get("profile") or {}).get("op_ms_per_step") is not None:
-            out.append("\n" + op_profile.format_summary(r["profile"], title=f"{key} (step {r['step_s'] * 1e3:.1f} ms): "))
+            out.append("\n" + op_profile.format_summary(r["profile"], title=f"{key}: ", step_ms=r["step_s"] * 1e3))
     return "\n".join(out)
 
 

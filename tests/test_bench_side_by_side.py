@@ -50,7 +50,7 @@ def test_tiny_cpu_json_and_table(tmp_path):
     assert prof["ops_unmatched_in_hlo_ms"] == 0 and prof["by_category_ms"]["matmul/conv"] > 0
     scopes = {r["scope"] for r in prof["by_scope_ms"]}
     assert {"vfeat_extractor/blocks_*/attn", "vfeat_extractor/blocks_*/timeattn"} & scopes, scopes
-    assert "infer (step " in proc.stdout and "device op time" in proc.stdout
+    assert "infer: device op time" in proc.stdout and "-ms step" in proc.stdout
 
 
 def test_rows_ratio_and_mfu():

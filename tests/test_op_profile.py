@@ -159,3 +159,25 @@ def test_device_kernels_are_counted_once(tmp_path):
     assert times == {"gemm_fusion.7": {"us": 120.0, "count": 1}, "custom-call.6": {"us": 40.0, "count": 2}}
     s = op.summarise(times, op.parse_hlo(_GPU_HLO), steps=1)
     assert s["by_category_ms"] == {op.MATMUL: 0.12, op.ATTENTION: 0.04}
+
+
+def test_cpu_async_ops_span_to_their_end_event(tmp_path):
+    """XLA:CPU: a multi-threaded op's event covers its launch; its `end:` event marks
+    completion. The op's time is start -> end of its own k-th completion."""
+    op = _op_profile()
+    events = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+        {"ph": "X", "pid": 1, "tid": 1, "name": "dot.1", "ts": 100.0, "dur": 2.0,
+         "args": {"hlo_op": "dot.1", "hlo_module": "jit_f"}},
+        {"ph": "X", "pid": 1, "tid": 2, "name": "end: dot.1", "ts": 180.0, "dur": 1.0, "args": {}},
+        {"ph": "X", "pid": 1, "tid": 1, "name": "fusion.2", "ts": 190.0, "dur": 30.0,  # synchronous
+         "args": {"hlo_op": "fusion.2", "hlo_module": "jit_f"}},
+        {"ph": "X", "pid": 1, "tid": 1, "name": "dot.1", "ts": 300.0, "dur": 2.0,  # the next step
+         "args": {"hlo_op": "dot.1", "hlo_module": "jit_f"}},
+        {"ph": "X", "pid": 1, "tid": 2, "name": "end: dot.1", "ts": 350.0, "dur": 1.0, "args": {}},
+    ]
+    path = tmp_path / "cpu.trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    assert op.load_op_times(str(path), "jit_f") == {"dot.1": {"us": 81.0 + 51.0, "count": 2},
+                                                     "fusion.2": {"us": 30.0, "count": 1}}
