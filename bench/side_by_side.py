@@ -84,12 +84,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="clips per stage-I step, or 'auto' (largest that fits; default on GPUs); CPU full 1, tiny 2")
     ap.add_argument("--max-batch", type=int, default=64, help="upper bound of the stage-I batch search")
     ap.add_argument("--remat", default="off", choices=["off", "on", "both"], help="stage I: model.remat")
+    ap.add_argument("--scan-blocks", action="store_true",
+                    help="JAX: model.scan_blocks (each extractor's blocks as one lax.scan: one block "
+                         "compiled; with remat, recompute bounded to a block)")
     ap.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "hybrid"],
                     help="attention kernel of the JAX model (auto: cuDNN fused for 16-bit on GPU, else XLA; "
                          "hybrid: cuDNN for query blocks of >= 64 tokens (space attention), XLA for the "
                          "8-frame time attention and the single CLS query)")
     ap.add_argument("--levers", default="",
-                    help="extra JAX variants, comma separated: attention (infer, stage II, stage I with the "
+                    help="extra JAX variants, comma separated: scan (each task with the other --scan-blocks "
+                         "setting), attention (infer, stage II, stage I with the "
                          "other kernels: xla and hybrid), attn-micro (each Motionformer attention shape alone, "
                          "cuDNN vs XLA, forward and forward+backward), chunk (infer with extractors chunked over segments), xla-flags (infer + "
                          "stage II with --lever-xla-flags), e2e (stage II fed from host uint8 batches, "
@@ -376,7 +380,8 @@ def child_infer(spec) -> dict:
     from synchformer_jax.models import synchformer as sf
 
     att = AttentionLog(spec["attention"])
-    m = model_config_for(spec["size"], spec.get("img_size"), "infer").replace(dtype=spec["dtype"])
+    m = model_config_for(spec["size"], spec.get("img_size"), "infer").replace(
+        dtype=spec["dtype"], scan_blocks=bool(spec.get("scan_blocks")))
     model = sf.Synchformer(m)
     dev = jax.devices()[0]
     phases = {}
@@ -432,8 +437,9 @@ def _case_config(spec, batch):
 
     case = ("tiny" if spec["size"] == "tiny" else "full") + ("-I" if spec["kind"] == "stage1" else "-II")
     config = ts.case_config(case, batch, spec["dtype"], spec.get("remat", False))
-    if spec["size"] == "tiny" and spec.get("img_size"):
-        with config.unlocked():
+    with config.unlocked():
+        config.model.scan_blocks = bool(spec.get("scan_blocks"))
+        if spec["size"] == "tiny" and spec.get("img_size"):
             config.model.video.img_size = spec["img_size"]
     return config
 
@@ -992,6 +998,16 @@ def run_levers(args, report, common, modes, levers, batches):
                             label=f"{mode}:attention={other}")
                 report["jax"][spec["label"]] = run_child(args, spec)
                 write_json(args.json_out, report)
+    if "scan" in levers:
+        for mode in [m for m in ("infer", "stage2", "stage1") if m in modes]:
+            b, remat = batches[mode], False
+            ref = report["jax"].get(mode)
+            if ref is not None and ref.get("batch"):
+                b, remat = ref["batch"], bool(ref.get("remat"))
+            spec = dict(common, kind=mode, batch=b, remat=remat, scan_blocks=not args.scan_blocks,
+                        label=f"{mode}:scan={'on' if not args.scan_blocks else 'off'}")
+            report["jax"][spec["label"]] = run_child(args, spec)
+            write_json(args.json_out, report)
     if "chunk" in levers and "infer" in modes:
         spec = dict(common, kind="infer", batch=batches["infer"], chunk=14, label="infer:chunk=14")
         report["jax"][spec["label"]] = run_child(args, spec)
@@ -1035,7 +1051,7 @@ def main(argv=None) -> int:
     common = {"size": args.size, "img_size": args.img_size, "dtype": args.dtype, "attention": args.attention,
               "steps": args.steps, "warmup": args.warmup, "max_batch": args.max_batch,
               "bytes_limit": int(args.bytes_limit_gib * GIB) if args.bytes_limit_gib else None,
-              "init": args.init, "profile": args.profile,
+              "init": args.init, "profile": args.profile, "scan_blocks": args.scan_blocks,
               "profile_dir": os.path.abspath(args.profile_dir or os.path.join(
                   os.path.dirname(os.path.abspath(args.json_out)) if args.json_out else ".",
                   "traces" if args.json_out else "sbs_traces"))}

@@ -103,6 +103,9 @@ class ModelConfig:
     # float32; LayerNorm, softmax and logits run in float32 regardless.
     dtype: str = "float32"
     remat: bool = False  # rematerialise each transformer block in the backward pass
+    # Run each extractor's blocks as one lax.scan (same parameters, one block compiled;
+    # with remat, activation memory bounded to one block's recompute on every backend).
+    scan_blocks: bool = False
     # Initial (and clamped) stage-I temperature.
     init_temperature: float = 0.07
     temperature_min: float = 0.001

@@ -9,7 +9,7 @@ official code: fp16 branch outputs are added to an fp32 residual.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -132,18 +132,54 @@ def _use_cudnn(q: jax.Array) -> bool:
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drops the whole residual branch per example (timm semantics)."""
+    """Stochastic depth: drops the whole residual branch per example (timm semantics).
+
+    `rate` given at call time (an array, inside `scan_blocks`) overrides the field.
+    """
 
     rate: float
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
-        if self.rate == 0.0 or deterministic:
+    def __call__(self, x: jax.Array, deterministic: bool, rate: Optional[jax.Array] = None) -> jax.Array:
+        if deterministic or (rate is None and self.rate == 0.0):
             return x
-        keep_prob = 1.0 - self.rate
+        keep_prob = 1.0 - (self.rate if rate is None else rate)
         rng = self.make_rng("dropout")
         mask = jax.random.bernoulli(rng, keep_prob, (x.shape[0],) + (1,) * (x.ndim - 1))
         return jnp.where(mask, x / keep_prob, jnp.zeros_like(x))
+
+
+def scan_blocks(parent: nn.Module, names: Sequence[str], block: nn.Module, x: jax.Array, *args: Any,
+                remat: bool = False, per_block: Optional[dict[str, jax.Array]] = None,
+                rng: Optional[jax.Array] = None) -> jax.Array:
+    """Applies `parent`'s same-shaped child blocks `names` in order, as one `lax.scan`.
+
+    The parameters stay one subtree per block (`blocks_0`, `blocks_1`, ...: the official
+    layout, what conversion and checkpoints use); they are stacked here, per call, into the
+    scanned operand (a copy of the blocks' weights, small next to a block's activations).
+    XLA then compiles one block instead of `len(names)` (compile time), and with `remat`
+    the backward pass recomputes one block at a time inside the loop, which bounds the
+    activation memory on every backend (XLA:CPU's scheduler hoists the recomputation of
+    an unrolled remat forward, so there it does not save memory).
+
+    `block` is an unbound template (`parent=None`) with the blocks' shared fields; per-block
+    call arguments go in `per_block` (arrays with a leading block axis, passed by keyword),
+    and `rng` (when given) is folded with the block index into each block's `dropout` rng.
+    Only for apply: `parent` must have created the blocks, unscanned, at init.
+    """
+    params = parent.variables["params"]
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[params[n] for n in names])
+    index = jnp.arange(len(names))
+
+    def body(carry, scanned):
+        block_params, extra, i = scanned
+        rngs = {"dropout": jax.random.fold_in(rng, i)} if rng is not None else {}
+        return block.apply({"params": block_params}, carry, *args, rngs=rngs, **extra), None
+
+    if remat:
+        body = jax.checkpoint(body, prevent_cse=False)  # the loop already keeps recompute in place
+    x, _ = jax.lax.scan(body, x, (stacked, per_block or {}, index))
+    return x
 
 
 class TorchMultiheadAttention(nn.Module):

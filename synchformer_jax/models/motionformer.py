@@ -5,7 +5,7 @@ Scope names mirror the official `vfeat_extractor.*` state-dict keys; the unused 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -87,15 +87,17 @@ class DividedSpaceTimeBlock(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, num_frames: int, num_patches: int, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, num_frames: int, num_patches: int, train: bool,
+                 drop_path: Optional[jax.Array] = None) -> jax.Array:
+        """`drop_path` (traced) overrides the field: blocks run in a scan share one module."""
         drop = layers.DropPath(self.drop_path)
         norm = lambda name: layers.layer_norm(self.eps, name=name)  # noqa: E731
         x = x + DividedAttention(self.dim, self.num_heads, "time", self.dtype, name="timeattn")(
             norm("norm3")(x), num_frames, num_patches)
         x = x + drop(DividedAttention(self.dim, self.num_heads, "space", self.dtype, name="attn")(
-            norm("norm1")(x), num_frames, num_patches), deterministic=not train)
+            norm("norm1")(x), num_frames, num_patches), deterministic=not train, rate=drop_path)
         x = x + drop(Mlp(self.dim, self.mlp_dim, self.dtype, name="mlp")(norm("norm2")(x)),
-                     deterministic=not train)
+                     deterministic=not train, rate=drop_path)
         return x
 
 
@@ -122,6 +124,7 @@ class MotionFormer(nn.Module):
     dtype: Dtype = jnp.float32
     remat: bool = False
     temporal_pool: bool = False
+    scan: bool = False  # the blocks as one lax.scan (layers.scan_blocks); same parameters
 
     @nn.compact
     def __call__(self, video: jax.Array, train: bool = False) -> jax.Array:
@@ -142,11 +145,21 @@ class MotionFormer(nn.Module):
         x = jnp.concatenate([jnp.broadcast_to(cls_token + pos_embed[:, :1], (n, 1, d)),
                              x.astype(jnp.float32) + patch_pos], axis=1)
 
-        block_cls = nn.remat(DividedSpaceTimeBlock, static_argnums=(2, 3, 4)) if self.remat else DividedSpaceTimeBlock
-        rates = np.linspace(0.0, c.drop_path_rate, c.depth) if c.depth > 1 else [0.0]
-        for i in range(c.depth):
-            x = block_cls(d, c.num_heads, c.mlp_dim, c.layer_norm_eps, float(rates[i]), self.dtype,
-                          name=f"blocks_{i}")(x, f, p, train)
+        rates = np.linspace(0.0, c.drop_path_rate, c.depth) if c.depth > 1 else np.zeros(1)
+        names = [f"blocks_{i}" for i in range(c.depth)]
+        if self.scan and not self.is_initializing():
+            dropping = train and c.drop_path_rate > 0
+            x = layers.scan_blocks(
+                self, names, DividedSpaceTimeBlock(d, c.num_heads, c.mlp_dim, c.layer_norm_eps, 0.0, self.dtype,
+                                                   parent=None),
+                x, f, p, train, remat=self.remat, per_block={"drop_path": jnp.asarray(rates, jnp.float32)},
+                rng=self.make_rng("dropout") if dropping else None)
+        else:
+            block_cls = (nn.remat(DividedSpaceTimeBlock, static_argnums=(2, 3, 4)) if self.remat
+                         else DividedSpaceTimeBlock)
+            for i, name in enumerate(names):
+                x = block_cls(d, c.num_heads, c.mlp_dim, c.layer_norm_eps, float(rates[i]), self.dtype,
+                              name=name)(x, f, p, train)
         self.sow("intermediates", "tokens_last_block", x)
 
         x = layers.layer_norm(c.layer_norm_eps, name="norm")(x[:, 1:])  # CLS dropped first

@@ -58,8 +58,8 @@ class Synchformer(nn.Module):
         if c.kind != KIND_SYNC:
             raise ValueError(f"Synchformer needs a config of kind {KIND_SYNC!r}, got {c.kind!r}")
         dtype = compute_dtype(c)
-        self.vfeat_extractor = MotionFormer(c.video, dtype, c.remat)
-        self.afeat_extractor = AST(c.audio, dtype, c.remat)
+        self.vfeat_extractor = MotionFormer(c.video, dtype, c.remat, scan=c.scan_blocks)
+        self.afeat_extractor = AST(c.audio, dtype, c.remat, scan=c.scan_blocks)
         # torch.nn.Linear created outside the transformer: default Kaiming-uniform init.
         torch_linear_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
         self.vproj = layers.dense(c.sync.n_embd, dtype, kernel_init=torch_linear_init)
@@ -134,8 +134,8 @@ class SegmentAVCLIP(nn.Module):
         if c.kind != KIND_AVCLIP:
             raise ValueError(f"SegmentAVCLIP needs a config of kind {KIND_AVCLIP!r}, got {c.kind!r}")
         dtype = compute_dtype(c)
-        self.v_encoder = MotionFormer(c.video, dtype, c.remat, temporal_pool=True)
-        self.a_encoder = AST(c.audio, dtype, c.remat, temporal_pool=True)
+        self.v_encoder = MotionFormer(c.video, dtype, c.remat, temporal_pool=True, scan=c.scan_blocks)
+        self.a_encoder = AST(c.audio, dtype, c.remat, temporal_pool=True, scan=c.scan_blocks)
         self.logit_scale = self.param("logit_scale", nn.initializers.constant(c.init_temperature), ())
 
     def temperature(self) -> jax.Array:
