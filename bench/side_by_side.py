@@ -976,11 +976,27 @@ def run_default_case(args, report, common, mode, batch, remat, gpu, key=None):
     write_json(args.json_out, report)
 
 
+def _default_result(report, mode):
+    """The first successful default run of `mode` (`stage1`, `stage1:remat`, ...; no lever)."""
+    return next((r for k, r in report["jax"].items()
+                 if k in (mode, f"{mode}:remat", f"{mode}:no-remat") and r.get("batch")), None)
+
+
 def run_levers(args, report, common, modes, levers, batches):
     if "attn-micro" in levers:
         spec = dict(common, kind="attn_micro", batch=batches["infer"], label="attn-micro")
         report["attn_micro"] = run_child(args, spec)
         write_json(args.json_out, report)
+    if "scan" in levers:
+        for mode in [m for m in ("infer", "stage2", "stage1") if m in modes]:
+            b, remat = batches[mode], mode == "stage1" and args.remat == "on"
+            ref = _default_result(report, mode)
+            if ref is not None:  # the batch and remat of the default run, for a like-for-like time
+                b, remat = ref["batch"], bool(ref.get("remat"))
+            spec = dict(common, kind=mode, batch=b, remat=remat, scan_blocks=not args.scan_blocks,
+                        label=f"{mode}:scan={'on' if not args.scan_blocks else 'off'}")
+            report["jax"][spec["label"]] = run_child(args, spec)
+            write_json(args.json_out, report)
     others = [k for k in ("xla", "hybrid", "cudnn") if k != args.attention and not
               (args.attention == "auto" and k == "cudnn")]
     if "attention" in levers:
@@ -988,26 +1004,14 @@ def run_levers(args, report, common, modes, levers, batches):
         # can take minutes each) last, so that a deadline cuts the expensive ones.
         for mode in [m for m in ("infer", "stage2", "stage1") if m in modes]:
             for other in others:
-                b, remat = batches[mode], False
-                if mode == "stage1":  # the batch and remat of the default run, for a like-for-like time
-                    ref = next((r for k, r in report["jax"].items()
-                                if k.startswith("stage1") and ":attention" not in k and r.get("batch")), None)
-                    if ref is not None:
-                        b, remat = ref["batch"], bool(ref.get("remat"))
+                b, remat = batches[mode], mode == "stage1" and args.remat == "on"
+                ref = _default_result(report, mode) if mode == "stage1" else None
+                if ref is not None:  # the batch and remat of the default run, for a like-for-like time
+                    b, remat = ref["batch"], bool(ref.get("remat"))
                 spec = dict(common, kind=mode, batch=b, remat=remat, attention=other,
                             label=f"{mode}:attention={other}")
                 report["jax"][spec["label"]] = run_child(args, spec)
                 write_json(args.json_out, report)
-    if "scan" in levers:
-        for mode in [m for m in ("infer", "stage2", "stage1") if m in modes]:
-            b, remat = batches[mode], False
-            ref = report["jax"].get(mode)
-            if ref is not None and ref.get("batch"):
-                b, remat = ref["batch"], bool(ref.get("remat"))
-            spec = dict(common, kind=mode, batch=b, remat=remat, scan_blocks=not args.scan_blocks,
-                        label=f"{mode}:scan={'on' if not args.scan_blocks else 'off'}")
-            report["jax"][spec["label"]] = run_child(args, spec)
-            write_json(args.json_out, report)
     if "chunk" in levers and "infer" in modes:
         spec = dict(common, kind="infer", batch=batches["infer"], chunk=14, label="infer:chunk=14")
         report["jax"][spec["label"]] = run_child(args, spec)

@@ -90,6 +90,19 @@ def test_stage1_sharded_step_equals_single_device(stage1, mesh_name):
     assert sum(moved) > 0.9 * len(moved)
 
 
+def test_stage1_fsdp_step_with_scanned_remat_blocks_equals_single_device(stage1):
+    """`model.scan_blocks` + `model.remat` under FSDP (the scanned weights are stacked from
+    sharded per-block parameters) is the same step as the unrolled one on one device."""
+    config = stage1["config"].copy_and_resolve_references()
+    config.model.scan_blocks = True
+    config.model.remat = True
+    trainer = train.build_trainer(config, MESHES["fsdp"]())
+    ref = stage1["ref"]
+    state, metrics = _step(trainer, ref["params0"], ref["batches"][0], ref["rng"])
+    runs = dict(stage1["runs"], scanned=dict(params=th.host(state.params), metrics=metrics))
+    _assert_same_step(runs, "scanned")
+
+
 @pytest.mark.parametrize("mesh_name", list(MESHES))
 def test_stage2_sharded_step_equals_single_device(stage2, mesh_name):
     _assert_same_step(stage2["runs"], mesh_name)

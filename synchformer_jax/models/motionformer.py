@@ -152,7 +152,8 @@ class MotionFormer(nn.Module):
             x = layers.scan_blocks(
                 self, names, DividedSpaceTimeBlock(d, c.num_heads, c.mlp_dim, c.layer_norm_eps, 0.0, self.dtype,
                                                    parent=None),
-                x, f, p, train, remat=self.remat, per_block={"drop_path": jnp.asarray(rates, jnp.float32)},
+                x, f, p, train, remat=self.remat,
+                per_block={"drop_path": jnp.asarray(rates, jnp.float32)} if dropping else None,
                 rng=self.make_rng("dropout") if dropping else None)
         else:
             block_cls = (nn.remat(DividedSpaceTimeBlock, static_argnums=(2, 3, 4)) if self.remat
