@@ -84,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="clips per stage-I step, or 'auto' (largest that fits; default on GPUs); CPU full 1, tiny 2")
     ap.add_argument("--max-batch", type=int, default=64, help="upper bound of the stage-I batch search")
     ap.add_argument("--remat", default="off", choices=["off", "on", "both"], help="stage I: model.remat")
+    ap.add_argument("--remat-policy", default="nothing", choices=["nothing", "dots"],
+                    help="what a rematerialised block keeps (model.remat_policy): nothing = full recompute, "
+                         "dots = the weight matmuls' outputs")
     ap.add_argument("--scan-blocks", action="store_true",
                     help="JAX: model.scan_blocks (each extractor's blocks as one lax.scan: one block "
                          "compiled; with remat, recompute bounded to a block)")
@@ -93,7 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "8-frame time attention and the single CLS query)")
     ap.add_argument("--levers", default="",
                     help="extra JAX variants, comma separated: scan (each task with the other --scan-blocks "
-                         "setting), attention (infer, stage II, stage I with the "
+                         "setting), remat-policy (stage I with remat and the other --remat-policy), attention (infer, stage II, stage I with the "
                          "other kernels: xla and hybrid), attn-micro (each Motionformer attention shape alone, "
                          "cuDNN vs XLA, forward and forward+backward), chunk (infer with extractors chunked over segments), xla-flags (infer + "
                          "stage II with --lever-xla-flags), e2e (stage II fed from host uint8 batches, "
@@ -439,6 +442,7 @@ def _case_config(spec, batch):
     config = ts.case_config(case, batch, spec["dtype"], spec.get("remat", False))
     with config.unlocked():
         config.model.scan_blocks = bool(spec.get("scan_blocks"))
+        config.model.remat_policy = spec.get("remat_policy") or "nothing"
         if spec["size"] == "tiny" and spec.get("img_size"):
             config.model.video.img_size = spec["img_size"]
     return config
@@ -997,6 +1001,13 @@ def run_levers(args, report, common, modes, levers, batches):
                         label=f"{mode}:scan={'on' if not args.scan_blocks else 'off'}")
             report["jax"][spec["label"]] = run_child(args, spec)
             write_json(args.json_out, report)
+    if "remat-policy" in levers and "stage1" in modes:
+        ref = _default_result(report, "stage1")
+        other = "dots" if args.remat_policy == "nothing" else "nothing"
+        spec = dict(common, kind="stage1", batch=ref["batch"] if ref else batches["stage1"], remat=True,
+                    remat_policy=other, label=f"stage1:remat-policy={other}")
+        report["jax"][spec["label"]] = run_child(args, spec)
+        write_json(args.json_out, report)
     others = [k for k in ("xla", "hybrid", "cudnn") if k != args.attention and not
               (args.attention == "auto" and k == "cudnn")]
     if "attention" in levers:
@@ -1056,6 +1067,7 @@ def main(argv=None) -> int:
               "steps": args.steps, "warmup": args.warmup, "max_batch": args.max_batch,
               "bytes_limit": int(args.bytes_limit_gib * GIB) if args.bytes_limit_gib else None,
               "init": args.init, "profile": args.profile, "scan_blocks": args.scan_blocks,
+              "remat_policy": args.remat_policy,
               "profile_dir": os.path.abspath(args.profile_dir or os.path.join(
                   os.path.dirname(os.path.abspath(args.json_out)) if args.json_out else ".",
                   "traces" if args.json_out else "sbs_traces"))}

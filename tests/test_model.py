@@ -132,6 +132,30 @@ def test_scanned_blocks_equal_the_unrolled_blocks(kind, remat):
         assert np.any(np.asarray(sub) != 0), name
 
 
+def test_remat_policy_dots_keeps_the_matmuls_and_changes_no_gradient():
+    """`remat_policy="dots"` keeps the weight matmuls' outputs of each rematerialised block
+    (XLA's plan of the scanned step grows by them) and computes the same gradients as a
+    full recompute; an unknown policy is refused by name."""
+    config = _small(kind=KIND_AVCLIP, scan_blocks=True, remat=True)
+    params = sf.init_params(config, jax.random.key(0))
+    video, audio = _inputs(config)
+
+    def loss(p, model):
+        v, a, _ = model.apply({"params": p}, video, audio)
+        return jnp.sum(jnp.sin(v)) + jnp.sum(jnp.cos(a))
+
+    grads, temp = {}, {}
+    for policy in ("nothing", "dots"):
+        model = sf.SegmentAVCLIP(config.replace(remat_policy=policy))
+        compiled = jax.jit(jax.grad(functools.partial(loss, model=model))).lower(params).compile()
+        grads[policy] = compiled(params)
+        temp[policy] = compiled.memory_analysis().temp_size_in_bytes
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-5), grads["dots"], grads["nothing"])
+    assert temp["dots"] > 1.2 * temp["nothing"], temp
+    with pytest.raises(ValueError, match="unknown remat_policy 'some'.*dots"):
+        sf.SegmentAVCLIP(config.replace(remat_policy="some")).apply({"params": params}, video, audio)
+
+
 def test_scanned_blocks_take_each_blocks_drop_path_rate():
     """Drop path inside the scan uses the per-block rate (0 for the first block, the
     configured rate for the last): at a rate of ~1 the last block's space-attention and

@@ -109,13 +109,15 @@ class _Encoder(nn.Module):
     dtype: Dtype = jnp.float32
     remat: bool = False
     scan: bool = False  # the layers as one lax.scan (layers.scan_blocks); same parameters
+    remat_policy: str = "nothing"  # layers.REMAT_POLICIES
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         names = [f"layer_{i}" for i in range(self.cfg.num_layers)]
         if self.scan and not self.is_initializing():
-            return layers.scan_blocks(self, names, ASTLayer(self.cfg, self.dtype, parent=None), x, remat=self.remat)
-        layer_cls = nn.remat(ASTLayer) if self.remat else ASTLayer
+            return layers.scan_blocks(self, names, ASTLayer(self.cfg, self.dtype, parent=None), x, remat=self.remat,
+                                      policy=self.remat_policy)
+        layer_cls = nn.remat(ASTLayer, policy=layers.remat_policy(self.remat_policy)) if self.remat else ASTLayer
         for name in names:
             x = layer_cls(self.cfg, self.dtype, name=name)(x)
         return x
@@ -128,11 +130,12 @@ class ASTModel(nn.Module):
     dtype: Dtype = jnp.float32
     remat: bool = False
     scan: bool = False
+    remat_policy: str = "nothing"
 
     @nn.compact
     def __call__(self, spec: jax.Array) -> jax.Array:
         x = ASTEmbeddings(self.cfg, self.dtype, name="embeddings")(spec)
-        x = _Encoder(self.cfg, self.dtype, self.remat, self.scan, name="encoder")(x)
+        x = _Encoder(self.cfg, self.dtype, self.remat, self.scan, self.remat_policy, name="encoder")(x)
         return layers.layer_norm(self.cfg.layer_norm_eps, name="layernorm")(x)
 
 
@@ -147,6 +150,7 @@ class AST(nn.Module):
     remat: bool = False
     temporal_pool: bool = False
     scan: bool = False  # the encoder layers as one lax.scan
+    remat_policy: str = "nothing"  # layers.REMAT_POLICIES
 
     @nn.compact
     def __call__(self, spec: jax.Array, train: bool = False) -> jax.Array:
@@ -154,7 +158,7 @@ class AST(nn.Module):
         c = self.cfg
         d = c.hidden_size
         f, t = c.freq_patches, c.time_patches
-        x = ASTModel(c, self.dtype, self.remat, self.scan, name="ast")(spec)
+        x = ASTModel(c, self.dtype, self.remat, self.scan, self.remat_policy, name="ast")(spec)
         self.sow("intermediates", "last_hidden_state", x)
         n = x.shape[0]
         # Drop CLS/DIST; the patches are frequency-major, so [N, f, t, D] -> per time slot

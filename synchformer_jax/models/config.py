@@ -103,6 +103,10 @@ class ModelConfig:
     # float32; LayerNorm, softmax and logits run in float32 regardless.
     dtype: str = "float32"
     remat: bool = False  # rematerialise each transformer block in the backward pass
+    # What a rematerialised block keeps from its forward (layers.REMAT_POLICIES): "nothing"
+    # (recompute the whole block: least memory) or "dots" (keep the outputs of the weight
+    # matmuls, recompute norms, activations and attention: less recompute, more memory).
+    remat_policy: str = "nothing"
     # Run each extractor's blocks as one lax.scan (same parameters, one block compiled;
     # with remat, activation memory bounded to one block's recompute on every backend).
     scan_blocks: bool = False

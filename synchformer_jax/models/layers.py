@@ -149,8 +149,23 @@ class DropPath(nn.Module):
         return jnp.where(mask, x / keep_prob, jnp.zeros_like(x))
 
 
+# Rematerialisation policies by name (`ModelConfig.remat_policy`).
+REMAT_POLICIES = {
+    "nothing": None,  # jax.checkpoint's default: nothing saved, the block recomputed
+    # Outputs of matmuls without batch dimensions: the Dense projections and MLPs (the
+    # FLOPs), not the attention products (batched einsums) nor any elementwise op.
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_policy(name: str):
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat_policy {name!r}; choose from {sorted(REMAT_POLICIES)}")
+    return REMAT_POLICIES[name]
+
+
 def scan_blocks(parent: nn.Module, names: Sequence[str], block: nn.Module, x: jax.Array, *args: Any,
-                remat: bool = False, per_block: Optional[dict[str, jax.Array]] = None,
+                remat: bool = False, policy: str = "nothing", per_block: Optional[dict[str, jax.Array]] = None,
                 rng: Optional[jax.Array] = None) -> jax.Array:
     """Applies `parent`'s same-shaped child blocks `names` in order, as one `lax.scan`.
 
@@ -165,6 +180,7 @@ def scan_blocks(parent: nn.Module, names: Sequence[str], block: nn.Module, x: ja
     `block` is an unbound template (`parent=None`) with the blocks' shared fields; per-block
     call arguments go in `per_block` (arrays with a leading block axis, passed by keyword),
     and `rng` (when given) is folded with the block index into each block's `dropout` rng.
+    `policy` names what a rematerialised block keeps (`REMAT_POLICIES`).
     Only for apply: `parent` must have created the blocks, unscanned, at init.
     """
     params = parent.variables["params"]
@@ -177,7 +193,8 @@ def scan_blocks(parent: nn.Module, names: Sequence[str], block: nn.Module, x: ja
         return block.apply({"params": block_params}, carry, *args, rngs=rngs, **extra), None
 
     if remat:
-        body = jax.checkpoint(body, prevent_cse=False)  # the loop already keeps recompute in place
+        # prevent_cse off: the loop already keeps the recompute in place.
+        body = jax.checkpoint(body, prevent_cse=False, policy=remat_policy(policy))
     x, _ = jax.lax.scan(body, x, (stacked, per_block or {}, index))
     return x
 

@@ -125,6 +125,7 @@ class MotionFormer(nn.Module):
     remat: bool = False
     temporal_pool: bool = False
     scan: bool = False  # the blocks as one lax.scan (layers.scan_blocks); same parameters
+    remat_policy: str = "nothing"  # layers.REMAT_POLICIES
 
     @nn.compact
     def __call__(self, video: jax.Array, train: bool = False) -> jax.Array:
@@ -152,11 +153,12 @@ class MotionFormer(nn.Module):
             x = layers.scan_blocks(
                 self, names, DividedSpaceTimeBlock(d, c.num_heads, c.mlp_dim, c.layer_norm_eps, 0.0, self.dtype,
                                                    parent=None),
-                x, f, p, train, remat=self.remat,
+                x, f, p, train, remat=self.remat, policy=self.remat_policy,
                 per_block={"drop_path": jnp.asarray(rates, jnp.float32)} if dropping else None,
                 rng=self.make_rng("dropout") if dropping else None)
         else:
-            block_cls = (nn.remat(DividedSpaceTimeBlock, static_argnums=(2, 3, 4)) if self.remat
+            block_cls = (nn.remat(DividedSpaceTimeBlock, static_argnums=(2, 3, 4),
+                                  policy=layers.remat_policy(self.remat_policy)) if self.remat
                          else DividedSpaceTimeBlock)
             for i, name in enumerate(names):
                 x = block_cls(d, c.num_heads, c.mlp_dim, c.layer_norm_eps, float(rates[i]), self.dtype,

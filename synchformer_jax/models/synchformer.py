@@ -58,13 +58,13 @@ class Synchformer(nn.Module):
         if c.kind != KIND_SYNC:
             raise ValueError(f"Synchformer needs a config of kind {KIND_SYNC!r}, got {c.kind!r}")
         dtype = compute_dtype(c)
-        self.vfeat_extractor = MotionFormer(c.video, dtype, c.remat, scan=c.scan_blocks)
-        self.afeat_extractor = AST(c.audio, dtype, c.remat, scan=c.scan_blocks)
+        self.vfeat_extractor = MotionFormer(c.video, dtype, c.remat, scan=c.scan_blocks, remat_policy=c.remat_policy)
+        self.afeat_extractor = AST(c.audio, dtype, c.remat, scan=c.scan_blocks, remat_policy=c.remat_policy)
         # torch.nn.Linear created outside the transformer: default Kaiming-uniform init.
         torch_linear_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
         self.vproj = layers.dense(c.sync.n_embd, dtype, kernel_init=torch_linear_init)
         self.aproj = layers.dense(c.sync.n_embd, dtype, kernel_init=torch_linear_init)
-        self.transformer = GlobalTransformer(c.sync, c.pos_emb_len, dtype, c.remat)
+        self.transformer = GlobalTransformer(c.sync, c.pos_emb_len, dtype, c.remat, c.remat_policy)
 
     # --- per-segment entry points (inputs already flattened over B*S) -----------------
     def video_segment_features(self, segments: jax.Array, train: bool = False) -> jax.Array:
@@ -134,8 +134,10 @@ class SegmentAVCLIP(nn.Module):
         if c.kind != KIND_AVCLIP:
             raise ValueError(f"SegmentAVCLIP needs a config of kind {KIND_AVCLIP!r}, got {c.kind!r}")
         dtype = compute_dtype(c)
-        self.v_encoder = MotionFormer(c.video, dtype, c.remat, temporal_pool=True, scan=c.scan_blocks)
-        self.a_encoder = AST(c.audio, dtype, c.remat, temporal_pool=True, scan=c.scan_blocks)
+        self.v_encoder = MotionFormer(c.video, dtype, c.remat, temporal_pool=True, scan=c.scan_blocks,
+                                      remat_policy=c.remat_policy)
+        self.a_encoder = AST(c.audio, dtype, c.remat, temporal_pool=True, scan=c.scan_blocks,
+                             remat_policy=c.remat_policy)
         self.logit_scale = self.param("logit_scale", nn.initializers.constant(c.init_temperature), ())
 
     def temperature(self) -> jax.Array:
