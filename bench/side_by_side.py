@@ -96,8 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "8-frame time attention and the single CLS query)")
     ap.add_argument("--levers", default="",
                     help="extra JAX variants, comma separated: scan (each task with the other --scan-blocks "
-                         "setting), remat-policy (stage I with remat and the other --remat-policy), attention (infer, stage II, stage I with the "
-                         "other kernels: xla and hybrid), attn-micro (each Motionformer attention shape alone, "
+                         "setting), remat-policy (stage I with remat and the other --remat-policy), attention "
+                         "(infer, stage II, stage I with the other kernels: xla and hybrid), attn-micro (each Motionformer attention shape alone, "
                          "cuDNN vs XLA, forward and forward+backward), chunk (infer with extractors chunked over segments), xla-flags (infer + "
                          "stage II with --lever-xla-flags), e2e (stage II fed from host uint8 batches, "
                          "with and without prefetch; host-to-device bytes and rates)")
