@@ -20,6 +20,13 @@
 # * 2 clips x 14 segments per device; InfoNCE negatives from the device's own clips
 #   (train.negatives = "device", as the official DDP loss without gathering).
 # * Drop path 0.2 in the Motionformer, augmentations on (LRS3: off, see below).
+#
+# Memory (docs/benchmarks.md): 2 clips per device fit an 80-GB GPU as is. For more clips
+# per device, --config.model.remat=True (~2.7 GiB per clip in bfloat16 on an H100: 24 fit);
+# --config.model.scan_blocks=True runs each extractor's blocks as one lax.scan (one block
+# compiled; on CPUs only the scanned remat actually saves memory); and
+# --config.model.remat_policy=dots keeps the blocks' matmul outputs (less recompute, more
+# memory). None of these changes the parameters or the results beyond float rounding.
 import ml_collections
 
 from synchformer_jax import experiment
