@@ -21,8 +21,8 @@
 #   (train.negatives = "device", as the official DDP loss without gathering).
 # * Drop path 0.2 in the Motionformer, augmentations on (LRS3: off, see below).
 #
-# Memory (docs/benchmarks.md): without remat a full-size clip's activations take tens of
-# GB (not yet measured on a GPU; the official fp16 code fits 4 per 80 GB). For more clips
+# Memory (docs/benchmarks.md): without remat, XLA:CPU plans 37 GB for one full-size clip
+# in float32 (not yet measured on a GPU; the official fp16 code fits 4 per 80 GB). For more clips
 # per device, --config.model.remat=True (~2.7 GiB per clip in bfloat16 on an H100: 24 fit);
 # --config.model.scan_blocks=True runs each extractor's blocks as one lax.scan (one block
 # compiled; on CPUs only the scanned remat actually saves memory); and
