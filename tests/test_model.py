@@ -10,6 +10,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from synchformer_jax.models import convert_torch as ct
+from synchformer_jax.models import layers
 from synchformer_jax.models import synchformer as sf
 from synchformer_jax.models.config import HEAD_SYNCHRONIZABILITY, KIND_AVCLIP, tiny_config
 from tests import reference_data as rd
@@ -154,6 +155,62 @@ def test_remat_policy_dots_keeps_the_matmuls_and_changes_no_gradient():
     assert temp["dots"] > 1.2 * temp["nothing"], temp
     with pytest.raises(ValueError, match="unknown remat_policy 'some'.*dots"):
         sf.SegmentAVCLIP(config.replace(remat_policy="some")).apply({"params": params}, video, audio)
+
+
+def _cudnn_stand_in(monkeypatch) -> list:
+    """cuDNN's fused attention as jax 0.11.2 / cuDNN 9.19 behaved on an H100: any length
+    in a forward pass, but its training rule raises for odd sequence lengths (what broke
+    the stage-I step under remat; docs/benchmarks.md, second GPU call). Computes with
+    XLA attention; returns the list of lengths it was called with."""
+    real = jax.nn.dot_product_attention
+    calls = []
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+    def fused(q, k, v, scale):
+        return real(q, k, v, scale=scale, implementation="xla")
+
+    def fused_fwd(q, k, v, scale):
+        if q.shape[1] % 2 or k.shape[1] % 2:
+            raise NotImplementedError(f"Unsupported sequence length Q {q.shape[1]}, KV {k.shape[1]}.")
+        return jax.vjp(lambda q, k, v: real(q, k, v, scale=scale, implementation="xla"), q, k, v)
+
+    fused.defvjp(fused_fwd, lambda scale, vjp, g: vjp(g))
+
+    def dot_product_attention(q, k, v, *args, scale=None, implementation=None, **kwargs):
+        if implementation == "cudnn":
+            calls.append((q.shape[1], k.shape[1]))
+            return fused(q, k, v, scale)
+        return real(q, k, v, *args, scale=scale, implementation=implementation, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", dot_product_attention)
+    monkeypatch.setattr(layers, "_use_cudnn", lambda q: True)
+    return calls
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_stage1_remat_step_trains_through_cudnn_attention(monkeypatch, scan):
+    """With cuDNN attention (a stand-in here) the stage-I gradients under remat, unrolled or
+    scanned, equal XLA attention's: odd lengths (the time attention's 9 keys, the space
+    attention's and the spatial aggregator's 197, the frequency aggregator's 13) take the
+    kernel forward and XLA's gradient; without that wrapper the same step raises."""
+    config = _small(kind=KIND_AVCLIP, remat=True, scan_blocks=scan)
+    params = sf.init_params(config, jax.random.key(0))
+    video, audio = _inputs(config)
+
+    def grads():
+        model = sf.SegmentAVCLIP(config)
+        loss = lambda p: sum(jnp.sum(jnp.sin(x)) for x in model.apply({"params": p}, video, audio))  # noqa: E731
+        return jax.jit(jax.grad(loss))(params)
+
+    expected = grads()
+    calls = _cudnn_stand_in(monkeypatch)
+    got = grads()
+    assert any(q % 2 or k % 2 for q, k in calls), calls  # odd lengths went to the kernel
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-5), got, expected)
+    monkeypatch.setattr(layers, "_cudnn_forward_xla_grad", lambda q, k, v, scale: jax.nn.dot_product_attention(
+        q, k, v, scale=scale, implementation="cudnn"))
+    with pytest.raises(NotImplementedError, match="Unsupported sequence length"):
+        grads()
 
 
 def test_scanned_blocks_take_each_blocks_drop_path_rate():
