@@ -128,7 +128,7 @@ def _opcodes_under(comps, names: Iterable[str], seen=None) -> set[str]:
 
 def _category(opcode: str, body: str, comps) -> str:
     target = (_attr(body, "custom_call_target") or "").lower()
-    if opcode == "custom-call" or "custom_call_target" in body:
+    if opcode == "custom-call":
         if any(k in target for k in ("fmha", "flash", "attention")):
             return ATTENTION
         if any(k in target for k in ("gemm", "matmul", "conv", "cublas")):
@@ -270,13 +270,13 @@ def load_op_times(trace_path: str, module: str = "") -> dict[str, dict]:
         used: dict[str, int] = collections.defaultdict(int)
         for e in picked:
             args = e["args"]
-            dur = float(e.get("dur", 0.0))
+            ts, dur = float(e.get("ts", 0.0)), float(e.get("dur", 0.0))
             done = ends.get(e["name"], [])
             i = used[e["name"]]
-            while i < len(done) and done[i] < float(e.get("ts", 0.0)):
+            while i < len(done) and done[i] < ts:
                 i += 1
             if i < len(done):
-                dur = max(dur, done[i] - float(e.get("ts", 0.0)))
+                dur = max(dur, done[i] - ts)
                 i += 1
             used[e["name"]] = i
             mod = str(args.get("hlo_module", ""))

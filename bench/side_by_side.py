@@ -282,12 +282,14 @@ def _mem_analysis(compiled) -> dict:
         return {}
 
 
-def _profile(spec, run, compiled) -> dict | None:
-    """`spec["profile"]` more steps under the profiler, summarised per op (op_profile)."""
+def _profile(spec, run, text: str | None) -> dict | None:
+    """`spec["profile"]` more steps under the profiler, summarised per op (op_profile);
+    `text` is the compiled module's HLO (`_hlo_text`)."""
     if not spec.get("profile"):
         return None
     try:
-        text = compiled.as_text()
+        if text is None:
+            raise RuntimeError("the compiled module has no HLO text")
         trace_dir = os.path.join(spec["profile_dir"], re.sub(r"[^\w.=-]", "_", spec["label"]))
         trace = op_profile.capture(run, spec["profile"], trace_dir)
         with open(os.path.join(trace_dir, "module.hlo.txt"), "w") as f:  # to re-summarise offline
@@ -425,12 +427,13 @@ def child_infer(spec) -> dict:
     phases["first_run_s"] = time.perf_counter() - t
     times, cpu, out = _time(lambda: compiled(params, video, audio), spec["warmup"], spec["steps"])
     logits = np.asarray(out, np.float32)
-    profile = _profile(spec, lambda: compiled(params, video, audio), compiled)
+    hlo_text = _hlo_text(compiled)
+    profile = _profile(spec, lambda: compiled(params, video, audio), hlo_text)
     return {"batch": b, "compile_s": compile_s, "phases": phases, "times_s": times, "step_s": statistics.median(times),
             "profile": profile,
             "cpu_s_per_step": statistics.median(cpu), "xla_flops": _cost_flops(compiled),
             "memory_plan": _mem_analysis(compiled), "peak_device_bytes": _peak_dev_bytes(dev),
-            "finite": bool(np.isfinite(logits).all()), "attention": att.report(_hlo_text(compiled)),
+            "finite": bool(np.isfinite(logits).all()), "attention": att.report(hlo_text),
             "chunk": chunk}
 
 
@@ -570,12 +573,13 @@ def child_train(spec) -> dict:
 
             times, cpu, (state, metrics) = _time(step, spec["warmup"], spec["steps"])
             loss = float(metrics["loss"])
-            profile = _profile(spec, step, compiled)
+            hlo_text = _hlo_text(compiled)
+            profile = _profile(spec, step, hlo_text)
             res = {"batch": b, "compile_s": compile_s, "phases": phases, "times_s": times, "step_s": statistics.median(times),
                    "cpu_s_per_step": statistics.median(cpu), "xla_flops": _cost_flops(compiled),
                    "memory_plan": _mem_analysis(compiled), "peak_device_bytes": _peak_dev_bytes(dev),
                    "loss": loss, "finite": bool(np.isfinite(loss)), "remat": spec.get("remat", False),
-                   "attention": att.report(_hlo_text(compiled)), "search": search, "profile": profile,
+                   "attention": att.report(hlo_text), "search": search, "profile": profile,
                    "params": int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(holder["state"].params)))}
             if spec.get("e2e"):
                 res["e2e"] = _e2e(trainer, compiled, holder, hb, rng, spec)
