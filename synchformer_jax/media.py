@@ -123,6 +123,10 @@ _AAC_BIT_RATE = 64000  # mono 16 kHz; plenty (AAC-LC tops out at 96 kbit/s per c
 _GRID_TOLERANCE = Fraction(1, 100 * TARGET_FPS)  # 0.4 ms: timestamp rounding, see module doc
 _AUDIO_JUMP_SEC = 0.002  # timestamp jumps below this are treated as rounding, not gaps
 _SILENCE_DBFS = -60.0
+# Container and stream metadata (titles, encoder tags) are often not UTF-8. PyAV < 19
+# decodes them strictly unless told to ignore errors; PyAV 19 dropped the option and
+# decodes them with "surrogateescape", which never fails.
+_OPEN_OPTIONS = {"metadata_errors": "ignore"} if int(av.__version__.split(".")[0]) < 19 else {}
 
 
 def _display_name(path) -> str:
@@ -184,7 +188,7 @@ def _open_input(path):
         source = handle
     try:
         try:
-            container = av.open(source, metadata_errors="ignore")
+            container = av.open(source, **_OPEN_OPTIONS)
         except (av.error.FFmpegError, OSError, UnicodeDecodeError) as exc:
             raise MediaError(path, f"not a readable media file ({exc})") from exc
         with container:
@@ -315,7 +319,7 @@ def decode_media_bytes(data: bytes, name: str = "<bytes>", end_sec: Optional[flo
     if not data:
         raise MediaError(name, "empty file (0 bytes), not a media file")
     try:
-        container = av.open(io.BytesIO(data), metadata_errors="ignore")
+        container = av.open(io.BytesIO(data), **_OPEN_OPTIONS)
     except (av.error.FFmpegError, OSError) as exc:
         raise MediaError(name, f"not a readable media file ({exc})") from exc
     with container:

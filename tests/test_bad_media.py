@@ -214,3 +214,17 @@ def test_non_utf8_file_name(tmp_path):
         f.write(b"plain text, not a video\n")
     msg = _assert_error(bad, "not a readable media file")
     assert "\\udce9" in msg  # repr of the surrogate-escaped name
+
+
+def test_non_utf8_metadata(tmp_path):
+    # The muxer's "Lavf..." tags (matroska MuxingApp / ENCODER) overwritten in place with
+    # Latin-1 bytes: a strict UTF-8 reading of the metadata fails on opening (PyAV < 19
+    # without metadata_errors="ignore"). The clip itself is intact.
+    src = make_clip(tmp_path / "tagged.mkv", vcodec="libvpx-vp9", acodec="libopus", fps=30, rate=48000)
+    data = src.read_bytes()
+    assert data.count(b"Lavf") >= 2
+    path = tmp_path / "latin1_tags.mkv"
+    path.write_bytes(data.replace(b"Lavf", b"\xff\xfe\xe9f"))
+    _aligned(conform(path))
+    assert decode_media(path).frames.shape[0] == 60
+    assert load_clip(path).clip_id == "latin1_tags"
