@@ -19,7 +19,8 @@ arrays without torch:
 Bit-exactness was checked against the official decoder's output (frame sha256 and
 waveforms stored in the reference set). Decoded values depend on the FFmpeg build that
 ships with PyAV; the official README notes that the reported accuracy was obtained
-with av 8.1/9.0 (upstream issue #11), the reference set with av 18.1.
+with av 8.1/9.0 (upstream issue #11), the reference set with av 18.1. PyAV 19's FFmpeg
+drops the AAC priming samples this decode keeps (audio 1,024 samples early), hence av<19.
 
 Note what this does *not* do: it trusts that audio sample 0 and video frame 0 are at
 the same instant (true for the contract files, whose streams both start at pts 0).
@@ -98,6 +99,7 @@ import contextlib
 import dataclasses
 import io
 import os
+import warnings
 from fractions import Fraction
 from typing import Any, NamedTuple, Optional
 
@@ -126,7 +128,14 @@ _SILENCE_DBFS = -60.0
 # Container and stream metadata (titles, encoder tags) are often not UTF-8. PyAV < 19
 # decodes them strictly unless told to ignore errors; PyAV 19 dropped the option and
 # decodes them with "surrogateescape", which never fails.
-_OPEN_OPTIONS = {"metadata_errors": "ignore"} if int(av.__version__.split(".")[0]) < 19 else {}
+_AV_MAJOR = int(av.__version__.split(".")[0])
+_OPEN_OPTIONS = {"metadata_errors": "ignore"} if _AV_MAJOR < 19 else {}
+if _AV_MAJOR >= 19:
+    # setup.py asks for av < 19; this is for environments that installed it anyway.
+    warnings.warn(f"PyAV {av.__version__}: its FFmpeg drops the 1,024 AAC priming samples at the front of "
+                  "mp4 audio that the official decode keeps, so sounds arrive 64 ms early at 16 kHz "
+                  "and offsets are biased; install av<19 for the decode the model was trained on",
+                  RuntimeWarning, stacklevel=2)
 
 
 def _display_name(path) -> str:
