@@ -7,6 +7,8 @@ Cases:
   vs a cached batch (`vfeat`, `afeat` float16: projections + transformer only).
   `tiny`: `configs/demo.py` stage-II model (64 px) at batch 16; `full`: official sizes
   at batch 1 (`--full`; on a 2-core CPU the raw full-size step takes minutes).
+* MFU of each step: its model FLOPs (bench/model_flops.py: `stage2` raw, `stage2_cached`
+  cached) per second over the float32 matmul rate measured here;
 * cache build time per 10-s clip (`build_feature_cache`, demo model, 72-px synthetic
   clips, float16): (time for N clips - time for 1 clip) / (N - 1), so the extractor
   compile of each build cancels out.
@@ -27,8 +29,10 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # bench/ also when imported by path
 
 import jax  # noqa: E402
+import model_flops  # noqa: E402
 import numpy as np  # noqa: E402
 
 from synchformer_jax import experiment, feature_cache, train  # noqa: E402
@@ -94,7 +98,9 @@ def step_times(config, steps: int) -> dict:
             state, m = step(state, batch, rng)
             jax.block_until_ready(state)
             times.append(time.perf_counter() - t0)
-        out[name] = {"compile_s": compile_s, "step_s": float(np.median(times))}
+        per_clip = model_flops.task_flops(experiment.model_config(config))
+        flops = config.data.batch_size * per_clip["stage2" if name == "raw" else "stage2_cached"]
+        out[name] = {"compile_s": compile_s, "step_s": float(np.median(times)), "flops": flops}
         print(f"  {name}: compile {compile_s:.1f} s, step {out[name]['step_s'] * 1e3:.1f} ms "
               f"(median of {steps})", flush=True)
     return out
@@ -150,13 +156,17 @@ def main(argv=None):
         rows.append(("full 224px b1", step_times(_full_config(1), max(1, min(a.steps, 2)))))
     build = None if a.skip_build else build_times(_demo_config(), a.clips)
     full = full_bytes_per_clip()
+    peak = model_flops.measure_peak_flops("float32")[0] if rows else None
 
-    print("\n| model | raw step | cached step | speed-up | compile raw / cached |")
-    print("|---|---|---|---|---|")
+    print(f"\n| model | raw step | cached step | speed-up | MFU raw / cached ({(peak or 0) / 1e9:,.0f} GFLOP/s "
+          "float32 matmul) | compile raw / cached |")
+    print("|---|---|---|---|---|---|")
     for name, r in rows:
-        print(f"| {name} | {r['raw']['step_s'] * 1e3:.0f} ms | {r['cached']['step_s'] * 1e3:.1f} ms | "
-              f"{r['raw']['step_s'] / r['cached']['step_s']:.1f}x | "
-              f"{r['raw']['compile_s']:.1f} s / {r['cached']['compile_s']:.1f} s |")
+        raw, cached = r["raw"], r["cached"]
+        print(f"| {name} | {raw['step_s'] * 1e3:.0f} ms | {cached['step_s'] * 1e3:.1f} ms | "
+              f"{raw['step_s'] / cached['step_s']:.1f}x | {model_flops.mfu(raw['flops'] / raw['step_s'], peak)} / "
+              f"{model_flops.mfu(cached['flops'] / cached['step_s'], peak)} | "
+              f"{raw['compile_s']:.1f} s / {cached['compile_s']:.1f} s |")
     print("\n| item | value |")
     print("|---|---|")
     if build:

@@ -223,18 +223,18 @@ def run_jax(args, work: str, video: np.ndarray, audio: np.ndarray, have_torch_we
 
 def _measure_peak(dtype: str) -> float:
     sys.path.insert(0, HERE)
-    import train_step
+    import model_flops
 
-    return train_step.measure_peak_flops(dtype)[0]
+    return model_flops.measure_peak_flops(dtype)[0]
 
 
 def model_flops_per_clip() -> float:
     """Analytic forward FLOPs of one clip of the official-size model (bench/side_by_side.py)."""
     sys.path.insert(0, HERE)
-    import side_by_side
+    import model_flops
     from synchformer_jax.models.config import ModelConfig
 
-    return side_by_side.task_flops(ModelConfig())["infer"]
+    return model_flops.task_flops(ModelConfig())["infer"]
 
 
 def parity(jax_out, torch_out) -> dict:

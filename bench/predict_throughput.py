@@ -13,6 +13,12 @@ costs the audio extractor on 24 segments plus `compare` on two windows
 (`DesyncScorer.score`). Reported: seconds per video for the features, tracks/s for
 the scoring (both warm, i.e. after a first compiled call).
 
+MFU: the model FLOPs of what was done (bench/model_flops.py: a window's forward for
+predict; 24 Motionformer segments per video, 24 AST segments + two windows of the sync
+transformer per DeSync track) per second, over `--peak-tflops` or the matmul rate
+measured here in the model's compute dtype. For predict it is end to end: decoding and
+window assembly are in the wall time.
+
     python bench/predict_throughput.py --size tiny --threads 2 --clips 8
     python bench/predict_throughput.py --size full --threads 2 --clips 1 --v-start-sec 0 \
         --batch-size 1 --desync-videos 1 --desync-tracks 2
@@ -30,6 +36,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ also when imported by path
 from hostinfo import pin_threads  # noqa: E402
+import model_flops  # noqa: E402
 
 from synchformer_jax import xla_cpu  # noqa: E402
 
@@ -103,6 +110,7 @@ def main() -> int:
     ap.add_argument("--desync-videos", type=int, default=4, help="0: skip DeSync")
     ap.add_argument("--desync-tracks", type=int, default=16, help="audio tracks per video")
     ap.add_argument("--work-dir", help="keep / reuse the generated clips here")
+    ap.add_argument("--peak-tflops", type=float, help="peak for MFU (default: measured matmul rate)")
     ap.add_argument("--json-out")
     args = ap.parse_args()
     cpus = pin_threads(args.threads)
@@ -118,6 +126,9 @@ def main() -> int:
     jax.config.update("jax_default_matmul_precision", "highest")
     config = tiny_config() if args.size == "tiny" else ModelConfig()
     params = jax.device_put(random_params(config))
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else model_flops.measure_peak_flops(config.dtype)[0]
+    parts = model_flops.part_flops(config)
+    window_flops = model_flops.task_flops(config)["infer"]
     work = pathlib.Path(args.work_dir or tempfile.mkdtemp(prefix="predict_bench_"))
     work.mkdir(parents=True, exist_ok=True)
     n_make = max(args.clips, args.desync_videos)
@@ -129,7 +140,9 @@ def main() -> int:
         paths.append(p)
     result = {"size": args.size, "threads": len(cpus), "cpus": cpus, "device": str(jax.devices()[0]),
               "jax": jax.__version__, "python": platform.python_version(), "machine": platform.processor() or
-              platform.machine(), "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))}
+              platform.machine(), "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
+              "peak_tflops": peak / 1e12, "peak_src": "--peak-tflops" if args.peak_tflops else
+              f"measured matmul ({config.dtype})"}
 
     if args.clips:
         model = predict.PredictModel.from_params(f"random {args.size}", config, params)
@@ -150,7 +163,8 @@ def main() -> int:
             "v_start_sec": args.v_start_sec, "stride_sec": None if args.v_start_sec is not None else args.stride_sec,
             "first_run_wall_s": round(first_wall, 2), "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
             "clips_per_s": round(len(files) / wall, 4), "windows_per_s": round(windows / wall, 4),
-            "wall_s_per_clip": round(wall / len(files), 3), "cpu_s_per_clip": round(cpu / len(files), 3)}
+            "wall_s_per_clip": round(wall / len(files), 3), "cpu_s_per_clip": round(cpu / len(files), 3),
+            "mfu_end_to_end": model_flops.mfu(windows * window_flops / wall, peak)}
         print(json.dumps({"predict": result["predict"]}), flush=True)
 
     if args.desync_videos:
@@ -173,7 +187,11 @@ def main() -> int:
             "videos": v, "tracks_per_video": m, "video_features_wall_s_per_video": round(vwall / v, 3),
             "video_features_cpu_s_per_video": round(vcpu / v, 3), "score_wall_s": round(swall, 3),
             "tracks_per_s": round(v * m / swall, 3), "cpu_s_per_track": round(scpu / (v * m), 4),
-            "mean_desync_sec": round(float(np.mean(res.desync_sec)), 4)}
+            "mean_desync_sec": round(float(np.mean(res.desync_sec)), 4),
+            "mfu_video_features": model_flops.mfu(
+                v * inference.DESYNC_SEGMENTS * parts["motionformer_per_segment"]["total"] / vwall, peak),
+            "mfu_score": model_flops.mfu(v * m * (inference.DESYNC_SEGMENTS * parts["ast_per_segment"]["total"]
+                                                  + 2 * parts["sync_transformer_per_clip"]["total"]) / swall, peak)}
         print(json.dumps({"desync": result["desync"]}), flush=True)
 
     if args.json_out:

@@ -53,6 +53,7 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ also when imported by path
 import op_profile  # noqa: E402  (imports jax only to capture)
+from model_flops import part_flops, task_flops  # noqa: E402,F401  (standard library only)
 from hostinfo import cpu_model, pin_threads  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -139,51 +140,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
-
-
-# ================================================================ analytic FLOPs ===============
-def _block(n_tokens: int, d: int, mlp: int, attn_len: int) -> float:
-    """Pre-LN transformer block over `n_tokens`: qkv + proj, MLP, QK^T and AV (2/MAC)."""
-    return 2.0 * n_tokens * (4 * d * d + 2 * d * mlp) + 4.0 * n_tokens * attn_len * d
-
-
-def part_flops(m) -> dict:
-    """Forward FLOPs of each part of a `ModelConfig`: Motionformer and AST per segment
-    (aggregators included), sync transformer (projections, blocks, head) per clip."""
-    v, a = m.video, m.audio
-    d = v.embed_dim
-    tv, sp = v.temporal_patches, v.spatial_patches
-    nv = tv * sp
-    mf = {"patch_embed": 2.0 * nv * (v.patch_size_temp * v.patch_size ** 2 * 3) * d}
-    # Divided block: time attention (each patch over tv+1 keys incl. CLS), space attention
-    # (over sp+1 keys), each with its own qkv + proj on all 1+nv tokens; CLS queries over all
-    # 1+nv keys in both; MLP.
-    per_block = (2.0 * (nv + 1) * (8 * d * d + 2 * d * v.mlp_dim)
-                 + 4.0 * nv * d * ((tv + 1) + (sp + 1)) + 2 * 4.0 * (nv + 1) * d)
-    mf["blocks"] = v.depth * per_block
-    mf["spatial_agg"] = tv * _block(sp + 1, d, v.mlp_dim, sp + 1)
-    mf["total"] = sum(mf.values())
-    da = a.hidden_size
-    na = a.freq_patches * a.time_patches
-    ast = {"patch_embed": 2.0 * na * a.patch_size ** 2 * da,
-           "blocks": a.num_layers * _block(na + 2, da, a.mlp_dim, na + 2),
-           "freq_agg": a.time_patches * _block(a.freq_patches + 1, da, a.mlp_dim, a.freq_patches + 1)}
-    ast["total"] = sum(ast.values())
-    s = m.sync
-    n = m.pos_emb_len
-    sync = {"projections": 2.0 * m.n_segments * (tv * d + a.time_patches * da) * s.n_embd,
-            "blocks": s.n_layer * _block(n, s.n_embd, s.mlp_ratio * s.n_embd, n),
-            "head": 2.0 * s.n_embd * m.num_outputs}
-    sync["total"] = sum(sync.values())
-    return {"motionformer_per_segment": mf, "ast_per_segment": ast, "sync_transformer_per_clip": sync}
-
-
-def task_flops(m) -> dict:
-    """Model FLOPs per clip of each task (what MFU divides by; recompute not counted)."""
-    p = part_flops(m)
-    ext = m.n_segments * (p["motionformer_per_segment"]["total"] + p["ast_per_segment"]["total"])
-    sync = p["sync_transformer_per_clip"]["total"]
-    return {"infer": ext + sync, "stage2": ext + 3.0 * sync, "stage1": 3.0 * ext, "extractors_fwd": ext}
 
 
 def model_config_for(size: str, img_size: int | None, stage: str):

@@ -18,7 +18,7 @@ Per case, in a fresh process (so that peak RSS belongs to that case alone):
   cores slow the wall time down but not the CPU time, so on a shared machine
   CPU s/step / cores is the better estimate of what an idle machine gives;
 * GFLOP/step: `compiled.cost_analysis()["flops"]` where the backend reports it, else an
-  analytic count (matmuls + attention, x3 for trained modules, x1 for frozen ones:
+  analytic count (bench/model_flops.py: matmuls + attention, x3 for trained modules, x1 for frozen ones:
   column `flops src`);
 * MFU (wall) = FLOP/step / step s / peak. Peak: `--peak-tflops`, else measured by a
   matmul microbenchmark in the compute dtype (so on a CPU it is what XLA's matmul
@@ -56,6 +56,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ also when imported by path
 from hostinfo import cpu_model  # noqa: E402
+import model_flops  # noqa: E402
 
 from synchformer_jax import xla_cpu  # noqa: E402
 
@@ -108,67 +109,13 @@ def host_batch(task, batch: int, seed: int = 0) -> dict:
 
 # ---------------------------------------------------------------- analytic FLOPs -----
 def analytic_flops(config, batch: int) -> float:
-    """Matmul + attention FLOPs of one train step (2 per multiply-add).
-
-    Trained modules count 3x their forward (forward + two backward matmuls), frozen ones
-    1x. Ignores norms, softmax, GELU, the log-mel and the loss (well under 1 %)."""
+    """Model FLOPs of one train step of `batch` clips (bench/model_flops.py)."""
     from synchformer_jax import experiment
     from synchformer_jax.models.config import KIND_AVCLIP
 
     m = experiment.model_config(config)
-    s = m.n_segments
-    v, a = m.video, m.audio
-
-    def block(n_tokens, d, mlp, attn_len):  # one pre-LN block on n_tokens: qkv+proj, MLP, QK^T and AV
-        return 2 * n_tokens * (4 * d * d + 2 * d * mlp) + 4 * n_tokens * attn_len * d
-
-    tv, sp = v.temporal_patches, v.spatial_patches
-    nv = tv * sp  # tokens per segment
-    vid = 2 * nv * (v.patch_size_temp * v.patch_size ** 2 * 3) * v.embed_dim  # tubelet embedding
-    # Divided attention: time attention (tv tokens) + space attention (sp tokens) + MLP.
-    per_block = (2 * nv * (8 * v.embed_dim ** 2 + 2 * v.embed_dim * v.mlp_dim)
-                 + 4 * nv * tv * v.embed_dim + 4 * nv * sp * v.embed_dim)
-    vid += v.depth * per_block + tv * block(sp + 1, v.embed_dim, v.mlp_dim, sp + 1)  # + spatial aggregator
-    na = a.freq_patches * a.time_patches + 2
-    aud = 2 * (na - 2) * a.patch_size ** 2 * a.hidden_size + a.num_layers * block(na, a.hidden_size, a.mlp_dim, na)
-    aud += a.time_patches * block(a.freq_patches + 1, a.hidden_size, a.mlp_dim, a.freq_patches + 1)
-    extractors = s * (vid + aud)
-    if m.kind == KIND_AVCLIP:
-        return 3.0 * batch * extractors
-    d, n = m.sync.n_embd, m.pos_emb_len
-    sync = 2 * s * (tv + a.time_patches) * v.embed_dim * d  # projections
-    sync += m.sync.n_layer * block(n, d, m.sync.mlp_ratio * d, n) + 2 * d * m.num_outputs
-    return batch * (1.0 * extractors + 3.0 * sync)
-
-
-# ---------------------------------------------------------------- peak FLOP/s --------
-def measure_peak_flops(dtype: str) -> tuple[float, float]:
-    """Best FLOP/s of a jitted square matmul chain in `dtype` on device 0, and its FLOP per
-    second of process CPU time (what one fully used core gives; other load does not
-    change it)."""
-    import jax
-    import jax.numpy as jnp
-
-    n = 2048 if jax.default_backend() == "cpu" else 8192
-    reps = 4
-    x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
-
-    @jax.jit
-    def chain(x):
-        y = x
-        for _ in range(reps):
-            y = (y @ x) * (1.0 / n)
-        return y
-
-    chain(x).block_until_ready()
-    best, best_cpu = float("inf"), float("inf")
-    for _ in range(5):
-        c, t = time.process_time(), time.perf_counter()
-        chain(x).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-        best_cpu = min(best_cpu, time.process_time() - c)
-    flops = 2.0 * n ** 3 * reps
-    return flops / best, flops / max(best_cpu, 1e-9)
+    per_clip = model_flops.task_flops(m)
+    return batch * per_clip["stage1" if m.kind == KIND_AVCLIP else "stage2"]
 
 
 # ---------------------------------------------------------------- one case -----------
@@ -379,7 +326,7 @@ def main(argv=None) -> int:
             pathlib.Path(args.json_out).write_text(json.dumps(dict(meta=meta, largest=found), indent=1))
         return 0
 
-    measured, peak_cpu = measure_peak_flops(args.dtype)
+    measured, peak_cpu = model_flops.measure_peak_flops(args.dtype)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else measured
     peak_src = "--peak-tflops" if args.peak_tflops else f"matmul microbenchmark ({args.dtype})"
     print(f"{meta['machine']}, {meta['cores']} cores, {meta['backend']}; peak {peak / 1e9:,.0f} GFLOP/s "

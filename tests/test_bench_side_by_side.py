@@ -81,3 +81,25 @@ def test_analytic_flops_official_sizes():
     tasks = mod.task_flops(m)
     assert 5.5e12 < tasks["infer"] < 5.9e12
     assert abs(tasks["stage1"] / tasks["extractors_fwd"] - 3.0) < 1e-9
+    # The cached stage-II step trains only the projections and transformer: 3x their forward,
+    # under 1 % of the raw step.
+    sync = parts["sync_transformer_per_clip"]["total"]
+    assert abs(tasks["stage2_cached"] - 3.0 * sync) < 1e-3
+    assert abs(tasks["stage2"] - tasks["extractors_fwd"] - tasks["stage2_cached"]) < 1e-3
+    assert tasks["stage2_cached"] < 0.01 * tasks["stage2"]
+
+
+def test_train_step_bench_counts_the_same_flops():
+    # bench/train_step.py's MFU and side_by_side's divide by the same count.
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import model_flops
+    import train_step
+
+    from synchformer_jax import experiment
+
+    for stage, task in (("segment_avclip", "stage1"), ("sync", "stage2")):
+        config = experiment.default_config(stage)
+        m = experiment.model_config(config)
+        assert train_step.analytic_flops(config, 3) == 3 * model_flops.task_flops(m)[task]
