@@ -85,4 +85,6 @@ def merge_params(trainable: Params, frozen: Params) -> Params:
 
 
 def global_norm(tree: Any) -> jax.Array:
-    return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+    """L2 norm over all leaves, in float32 (the grad_norm / param_norm metrics). Written out:
+    `optax.global_norm` warns as deprecated (optax 0.2.8) and `optax.tree.norm` is not in 0.2.4."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))

@@ -102,3 +102,17 @@ def test_offset_metrics():
     assert r["per_class_accuracy_1"][0] is None
     assert r["accuracy_5"] == 0.5  # ties break towards low class ids, as a stable sort does
     assert topk_correct(logits, np.array([3, 3, 20, 20]), 1, tolerance=1).tolist() == [True, True, False, True]
+
+
+def test_global_norm_metric_over_mixed_dtypes():
+    from synchformer_jax import optim
+
+    rng = np.random.default_rng(0)
+    tree = {"a": rng.normal(size=(3, 5)).astype(np.float32),
+            "b": {"c": rng.normal(size=(7,)).astype(np.float32), "d": np.float32(2.5)}}
+    want = np.sqrt(sum(np.sum(np.square(x.astype(np.float64))) for x in jax.tree.leaves(tree)))
+    assert float(optim.global_norm(tree)) == pytest.approx(want, rel=1e-6)
+    half = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), tree)  # summed in float32
+    want_half = np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(half)))
+    assert float(optim.global_norm(half)) == pytest.approx(want_half, rel=1e-6)
+    assert optim.global_norm(half).dtype == jnp.float32
