@@ -7,6 +7,7 @@ Cases:
   vs a cached batch (`vfeat`, `afeat` float16: projections + transformer only).
   `tiny`: `configs/demo.py` stage-II model (64 px) at batch 16; `full`: official sizes
   at batch 1 (`--full`; on a 2-core CPU the raw full-size step takes minutes).
+* XLA:CPU's YNNPACK fusions are off, as in the CLI (`synchformer_jax/xla_cpu.py`);
 * MFU of each step: its model FLOPs (bench/model_flops.py: `stage2` raw, `stage2_cached`
   cached) per second over the float32 matmul rate measured here;
 * cache build time per 10-s clip (`build_feature_cache`, demo model, 72-px synthetic
@@ -35,7 +36,7 @@ import jax  # noqa: E402
 import model_flops  # noqa: E402
 import numpy as np  # noqa: E402
 
-from synchformer_jax import experiment, feature_cache, train  # noqa: E402
+from synchformer_jax import experiment, feature_cache, train, xla_cpu  # noqa: E402
 
 
 def _demo_config():
@@ -146,6 +147,7 @@ def main(argv=None):
     p.add_argument("--skip-build", action="store_true")
     p.add_argument("--skip-steps", action="store_true", help="only the build / bytes numbers")
     a = p.parse_args(argv)
+    xla_cpu.disable_ynn_fusion()  # as the CLI does
     print(f"devices: {jax.devices()}, cores: {os.cpu_count()}", flush=True)
     rows = []
     if not a.skip_steps:

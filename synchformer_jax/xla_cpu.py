@@ -1,19 +1,22 @@
 """XLA:CPU compiler settings for this model, applied by the command-line entry points.
 
-jaxlib 0.10 and 0.11 compile CPU matmuls, element-wise ops and reductions into YNNPACK
+jaxlib 0.10 to 0.12 compile CPU matmuls, element-wise ops and reductions into YNNPACK
 fusions by default. For this model the other path (XLA's own dot and loop emitters) is
 faster: the full-size forward on 2 cores of an Intel Xeon took 25.0 s instead of 32.7 s
 per clip, and one Motionformer block 255-280 ms instead of 285-318 ms (docs/benchmarks.md,
-"Full-size side by side, CPU"). The YNN path also miscompiles on jaxlib 0.10.2: a product
-of two broadcast operands reduced over their last axis, the operands being slices of a
-larger array, returned wrong values under `jit` (tests/test_xla_cpu.py keeps that case).
+"Full-size side by side, CPU"); with jaxlib 0.12.0.1 on 2 AMD EPYC cores, 31.9 s instead
+of 40.4 s (forward) and 32.5 s instead of 40.8 s (stage-II step). The YNN path also
+miscompiles on jaxlib 0.10.2: a product of two broadcast operands reduced over their last
+axis, the operands being slices of a larger array, returned wrong values under `jit`
+(tests/test_xla_cpu.py keeps that case; 0.12.0.1 gets it right).
 The model's own code does not take that form, so the setting is about speed. Of the
 fusion kinds tried on the block (none, `reduce`, `dot`, `eltwise`, the default), none
 was the fastest; `dot` alone was the slowest of the matmul settings (363 ms).
 
 Only the process's first backend reads `XLA_FLAGS`, so the setting must be made before
 jax runs anything. An unknown flag aborts XLA, so it is added only for the jaxlib lines
-whose XLA has it (checked: 0.10.2 ran with it, 0.11.0 and 0.11.2 carry the flag name).
+whose XLA has it (checked: 0.10.2 and 0.12.0.1 ran with it, 0.11.0 and 0.11.2 carry the
+flag name).
 `SYNCHFORMER_JAX_KEEP_YNN=1`, or an `XLA_FLAGS` that already names the flag, leaves the
 choice to the user. Library users who want the same speed call `disable_ynn_fusion()`
 before their first jax computation.
@@ -28,7 +31,7 @@ from typing import MutableMapping, Optional
 FLAG_NAME = "xla_cpu_experimental_ynn_fusion_type"
 # An empty list of fusion kinds: no YNNPACK fusions at all.
 FLAG = f"--{FLAG_NAME}="
-KNOWN_JAXLIB_LINES = ((0, 10), (0, 11))
+KNOWN_JAXLIB_LINES = ((0, 10), (0, 11), (0, 12))
 KEEP_ENV = "SYNCHFORMER_JAX_KEEP_YNN"
 
 

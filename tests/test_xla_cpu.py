@@ -33,7 +33,7 @@ def test_flag_added_for_known_jaxlib_lines(fresh_backends):
 
 def test_flag_left_alone_when_unknown_opted_out_or_user_set(fresh_backends):
     env = {}
-    assert not xla_cpu.disable_ynn_fusion(env, jaxlib_line=(0, 12)) and "XLA_FLAGS" not in env
+    assert not xla_cpu.disable_ynn_fusion(env, jaxlib_line=(0, 13)) and "XLA_FLAGS" not in env
     env = {xla_cpu.KEEP_ENV: "1"}
     assert not xla_cpu.disable_ynn_fusion(env, jaxlib_line=(0, 10)) and "XLA_FLAGS" not in env
     user = f"--{xla_cpu.FLAG_NAME}=dot"
