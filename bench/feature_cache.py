@@ -9,7 +9,7 @@ Cases:
   at batch 1 (`--full`; on a 2-core CPU the raw full-size step takes minutes).
 * XLA:CPU's YNNPACK fusions are off, as in the CLI (`synchformer_jax/xla_cpu.py`);
 * MFU of each step: its model FLOPs (bench/model_flops.py: `stage2` raw, `stage2_cached`
-  cached) per second over the float32 matmul rate measured here;
+  cached) per second over `--peak-tflops` or the float32 matmul rate measured here;
 * cache build time per 10-s clip (`build_feature_cache`, demo model, 72-px synthetic
   clips, float16): (time for N clips - time for 1 clip) / (N - 1), so the extractor
   compile of each build cancels out.
@@ -146,6 +146,7 @@ def main(argv=None):
     p.add_argument("--full", action="store_true", help="also the full-size batch-1 step (minutes on a CPU)")
     p.add_argument("--skip-build", action="store_true")
     p.add_argument("--skip-steps", action="store_true", help="only the build / bytes numbers")
+    p.add_argument("--peak-tflops", type=float, help="peak for MFU (default: measured float32 matmul rate)")
     a = p.parse_args(argv)
     xla_cpu.disable_ynn_fusion()  # as the CLI does
     print(f"devices: {jax.devices()}, cores: {os.cpu_count()}", flush=True)
@@ -158,10 +159,11 @@ def main(argv=None):
         rows.append(("full 224px b1", step_times(_full_config(1), max(1, min(a.steps, 2)))))
     build = None if a.skip_build else build_times(_demo_config(), a.clips)
     full = full_bytes_per_clip()
-    peak = model_flops.measure_peak_flops("float32")[0] if rows else None
+    peak = a.peak_tflops * 1e12 if a.peak_tflops else (model_flops.measure_peak_flops("float32")[0] if rows else None)
+    peak_src = "--peak-tflops" if a.peak_tflops else "float32 matmul"
 
     print(f"\n| model | raw step | cached step | speed-up | MFU raw / cached ({(peak or 0) / 1e9:,.0f} GFLOP/s "
-          "float32 matmul) | compile raw / cached |")
+          f"{peak_src}) | compile raw / cached |")
     print("|---|---|---|---|---|---|")
     for name, r in rows:
         raw, cached = r["raw"], r["cached"]

@@ -21,7 +21,7 @@ recipe: fp16 autocast + GradScaler, Adam (stage II) / AdamW (stage I), clip 1.0,
 video, on CUDA; float32 on a CPU. Each JAX case also runs in a fresh subprocess, so
 peak memory is per case and this process never touches the accelerator.
 
-FLOPs: an analytic count of the model's matmuls and attention (2 per multiply-add;
+FLOPs: an analytic count of the model's matmuls and attention (bench/model_flops.py; 2 per multiply-add;
 training: 3x forward for trained parts, 1x for frozen ones); `--flops` prints it per
 part next to XLA's `cost_analysis()` of the compiled forward passes and steps. MFU =
 analytic FLOPs / step time / peak, against the peak measured here (a large matmul in
@@ -53,7 +53,7 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ also when imported by path
 import op_profile  # noqa: E402  (imports jax only to capture)
-from model_flops import part_flops, task_flops  # noqa: E402,F401  (standard library only)
+from model_flops import part_flops, task_flops  # noqa: E402  (standard library only)
 from hostinfo import cpu_model, pin_threads  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
