@@ -17,7 +17,8 @@ INSTALL_REQUIRES = [
     # PyAV 19 bundles an FFmpeg whose mp4/AAC decode trims the encoder priming and end
     # padding: 1,024 fewer samples at the front than the official torchvision decode,
     # so audio would reach the model 64 ms early at 16 kHz (tests/test_media.py).
-    "av>=14,<19",
+    # PyAV 14 has no `VideoFrame.duration` (conform reads it): the media tests pass on 15-18.
+    "av>=15,<19",
     "safetensors>=0.4,<1",
     "tqdm>=4.60",
     # jax.export serialisation (`synchformer-jax export`) needs it; jax does not require it.
