@@ -4,7 +4,7 @@ from setuptools import find_packages, setup
 # Two supported stacks: Python 3.11 with jax 0.10.x (flax <= 0.12.8 is the last release
 # for 3.11) and Python 3.12+ with jax 0.11+.
 INSTALL_REQUIRES = [
-    "numpy>=1.26",
+    "numpy>=2.0",  # what jax 0.10 asks for
     "jax>=0.10.0,<0.13",
     "flax>=0.12.0,<0.13",
     "optax>=0.2.4,<0.3",
