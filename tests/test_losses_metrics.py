@@ -50,7 +50,7 @@ def test_global_negatives_split_the_similarity_matrix_by_rows(mesh_shape):
     # With negatives from the whole global batch the [N, N] similarity matrix grows with
     # the square of the number of devices (N = 28,672 segments on 256 GPUs x 8 clips:
     # 3.3 GB in float32). XLA must split it by rows over the batch axes (each device
-    # gathers the other modality's [N, D] embeddings, a few MB) and never hold it whole;
+    # gathers the other modality's [N, D] embeddings, 88 MB there) and never hold it whole;
     # per-device pools must not communicate at all beyond the scalar mean.
     mesh = sharding.mesh_from_config(ml_collections.ConfigDict(dict(data=mesh_shape[0], fsdp=mesh_shape[1])))
     b, s, d = 16, 14, 32
