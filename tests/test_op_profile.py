@@ -181,3 +181,40 @@ def test_cpu_async_ops_span_to_their_end_event(tmp_path):
         json.dump({"traceEvents": events}, f)
     assert op.load_op_times(str(path), "jit_f") == {"dot.1": {"us": 81.0 + 51.0, "count": 2},
                                                      "fusion.2": {"us": 30.0, "count": 1}}
+
+
+def test_a_scan_loop_is_not_added_to_its_body(tmp_path):
+    """XLA:CPU traces a while loop as one event spanning its iterations, and each body op
+    as its own events: the loop's time is reported apart, not summed with the body's."""
+    op = _op_profile()
+    w = jax.random.normal(jax.random.key(0), (6, 256, 256)) / 16.0
+    x = jax.random.normal(jax.random.key(1), (64, 256))
+
+    def tower(w, x):
+        return jax.lax.scan(lambda h, wi: (jnp.tanh(h @ wi), None), x, w)[0].sum()
+
+    compiled = jax.jit(jax.grad(tower)).lower(w, x).compile()
+    jax.block_until_ready(compiled(w, x))
+    trace = op.capture(lambda: compiled(w, x), steps=1, trace_dir=str(tmp_path / "trace"))
+    text = compiled.as_text()
+    ops = op.parse_hlo(text)
+    times = op.load_op_times(trace, op.module_name(text))
+    loops = {n for n in times if ops[n].opcode == "while"}
+    assert loops, "no while-loop events in the trace"
+    body = {n: t for n, t in times.items() if n not in loops}
+    s = op.summarise(times, ops, steps=1)
+    assert abs(s["op_ms_per_step"] - sum(t["us"] for t in body.values()) / 1e3) < 1e-9
+    assert abs(s["control_flow_ms"] - sum(times[n]["us"] for n in loops) / 1e3) < 1e-9
+    assert s["by_category_ms"][op.MATMUL] > 0
+    assert "loops/branches around them" in op.format_summary(s)
+
+
+def test_scope_names_drop_scan_and_remat_wrappers():
+    op = _op_profile()
+    name = ("jit(step)/transpose(jvp(SegmentAVCLIP))/v_encoder/v_encoder/blocks_3/eval_jaxpr/"
+            "timeattn/qkv/dot_general")
+    assert op._scope(name) == ("v_encoder/blocks_*/timeattn", "bwd", "dot_general")
+    name = "jit(step)/jvp(SegmentAVCLIP)/a_encoder/ast/encoder/a_encoder/ast/encoder/layer_2/attention/mul"
+    assert op._scope(name) == ("a_encoder/ast/encoder/layer_*/attention", "fwd", "mul")
+    # A path that merely has a repeated name further in keeps it.
+    assert op._scope("jit(f)/jvp(M)/blocks_0/mlp/blocks_1/add")[0] == "blocks_*/mlp/blocks_*"
