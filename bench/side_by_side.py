@@ -946,6 +946,15 @@ def _default_result(report, mode):
                  if k in (mode, f"{mode}:remat", f"{mode}:no-remat") and r.get("batch")), None)
 
 
+def _like_default(args, report, mode, batches):
+    """Batch and remat for a lever run of `mode`: those of its default run when there is
+    one (a like-for-like time), else the requested ones."""
+    ref = _default_result(report, mode)
+    if ref is not None:
+        return ref["batch"], bool(ref.get("remat"))
+    return batches[mode], mode == "stage1" and args.remat == "on"
+
+
 def run_levers(args, report, common, modes, levers, batches):
     if "attn-micro" in levers:
         spec = dict(common, kind="attn_micro", batch=batches["infer"], label="attn-micro")
@@ -953,18 +962,14 @@ def run_levers(args, report, common, modes, levers, batches):
         write_json(args.json_out, report)
     if "scan" in levers:
         for mode in [m for m in ("infer", "stage2", "stage1") if m in modes]:
-            b, remat = batches[mode], mode == "stage1" and args.remat == "on"
-            ref = _default_result(report, mode)
-            if ref is not None:  # the batch and remat of the default run, for a like-for-like time
-                b, remat = ref["batch"], bool(ref.get("remat"))
+            b, remat = _like_default(args, report, mode, batches)
             spec = dict(common, kind=mode, batch=b, remat=remat, scan_blocks=not args.scan_blocks,
                         label=f"{mode}:scan={'on' if not args.scan_blocks else 'off'}")
             report["jax"][spec["label"]] = run_child(args, spec)
             write_json(args.json_out, report)
     if "remat-policy" in levers and "stage1" in modes:
-        ref = _default_result(report, "stage1")
         other = "dots" if args.remat_policy == "nothing" else "nothing"
-        spec = dict(common, kind="stage1", batch=ref["batch"] if ref else batches["stage1"], remat=True,
+        spec = dict(common, kind="stage1", batch=_like_default(args, report, "stage1", batches)[0], remat=True,
                     remat_policy=other, label=f"stage1:remat-policy={other}")
         report["jax"][spec["label"]] = run_child(args, spec)
         write_json(args.json_out, report)
@@ -975,10 +980,8 @@ def run_levers(args, report, common, modes, levers, batches):
         # can take minutes each) last, so that a deadline cuts the expensive ones.
         for mode in [m for m in ("infer", "stage2", "stage1") if m in modes]:
             for other in others:
-                b, remat = batches[mode], mode == "stage1" and args.remat == "on"
-                ref = _default_result(report, mode) if mode == "stage1" else None
-                if ref is not None:  # the batch and remat of the default run, for a like-for-like time
-                    b, remat = ref["batch"], bool(ref.get("remat"))
+                b, remat = (_like_default(args, report, mode, batches) if mode == "stage1"
+                            else (batches[mode], False))
                 spec = dict(common, kind=mode, batch=b, remat=remat, attention=other,
                             label=f"{mode}:attention={other}")
                 report["jax"][spec["label"]] = run_child(args, spec)

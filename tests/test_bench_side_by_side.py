@@ -91,8 +91,6 @@ def test_analytic_flops_official_sizes():
 
 def test_train_step_bench_counts_the_same_flops():
     # bench/train_step.py's MFU and side_by_side's divide by the same count.
-    import sys
-
     sys.path.insert(0, str(REPO / "bench"))
     import model_flops
     import train_step

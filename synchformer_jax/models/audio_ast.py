@@ -117,7 +117,7 @@ class _Encoder(nn.Module):
         if self.scan and not self.is_initializing():
             return layers.scan_blocks(self, names, ASTLayer(self.cfg, self.dtype, parent=None), x, remat=self.remat,
                                       policy=self.remat_policy)
-        layer_cls = nn.remat(ASTLayer, policy=layers.remat_policy(self.remat_policy)) if self.remat else ASTLayer
+        layer_cls = layers.remat_block(ASTLayer, self.remat, self.remat_policy)
         for name in names:
             x = layer_cls(self.cfg, self.dtype, name=name)(x)
         return x

@@ -164,6 +164,11 @@ def remat_policy(name: str):
     return REMAT_POLICIES[name]
 
 
+def remat_block(cls: type, remat: bool, policy: str, static_argnums: tuple[int, ...] = ()) -> type:
+    """`cls` rematerialised under the named policy when `remat`, else `cls` itself."""
+    return nn.remat(cls, static_argnums=static_argnums, policy=remat_policy(policy)) if remat else cls
+
+
 def scan_blocks(parent: nn.Module, names: Sequence[str], block: nn.Module, x: jax.Array, *args: Any,
                 remat: bool = False, policy: str = "nothing", per_block: Optional[dict[str, jax.Array]] = None,
                 rng: Optional[jax.Array] = None) -> jax.Array:

@@ -157,9 +157,8 @@ class MotionFormer(nn.Module):
                 per_block={"drop_path": jnp.asarray(rates, jnp.float32)} if dropping else None,
                 rng=self.make_rng("dropout") if dropping else None)
         else:
-            block_cls = (nn.remat(DividedSpaceTimeBlock, static_argnums=(2, 3, 4),
-                                  policy=layers.remat_policy(self.remat_policy)) if self.remat
-                         else DividedSpaceTimeBlock)
+            block_cls = layers.remat_block(DividedSpaceTimeBlock, self.remat, self.remat_policy,
+                                           static_argnums=(2, 3, 4))
             for i, name in enumerate(names):
                 x = block_cls(d, c.num_heads, c.mlp_dim, c.layer_norm_eps, float(rates[i]), self.dtype,
                               name=name)(x, f, p, train)

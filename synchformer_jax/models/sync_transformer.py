@@ -94,8 +94,7 @@ class GlobalTransformer(nn.Module):
         x = x + PositionTable(self.pos_emb_len, c.n_embd, name="pos_emb_cfg")()
         self.sow("intermediates", "tokens_after_pos_emb", x)
         x = nn.Dropout(c.embd_pdrop)(x, deterministic=not train)
-        block_cls = (nn.remat(Block, static_argnums=(2,), policy=layers.remat_policy(self.remat_policy))
-                     if self.remat else Block)
+        block_cls = layers.remat_block(Block, self.remat, self.remat_policy, static_argnums=(2,))
         for i in range(c.n_layer):
             x = block_cls(c, self.dtype, name=f"blocks_{i}")(x, train)
             self.sow("intermediates", "block_outs", x)
