@@ -91,15 +91,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--scan-blocks", action="store_true",
                     help="JAX: model.scan_blocks (each extractor's blocks as one lax.scan: one block "
                          "compiled; with remat, recompute bounded to a block)")
-    ap.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "hybrid"],
-                    help="attention kernel of the JAX model (auto: cuDNN fused for 16-bit on GPU, else XLA; "
-                         "hybrid: cuDNN for query blocks of >= 64 tokens (space attention), XLA for the "
-                         "8-frame time attention and the single CLS query)")
+    ap.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "hybrid", "cudnn-train"],
+                    help="attention kernel of the JAX model (auto: cuDNN fused for 16-bit on GPU, else XLA, "
+                         "and XLA for training odd lengths; hybrid: cuDNN for query blocks of >= 64 tokens "
+                         "(space attention), XLA for the 8-frame time attention and the single CLS query; "
+                         "cudnn-train: auto, and cuDNN also trains odd lengths, padded to even)")
     ap.add_argument("--levers", default="",
                     help="extra JAX variants, comma separated: scan (each task with the other --scan-blocks "
                          "setting), remat-policy (stage I with remat and the other --remat-policy), attention "
-                         "(infer, stage II, stage I with the other kernels: xla and hybrid), attn-micro (each Motionformer attention shape alone, "
-                         "cuDNN vs XLA, forward and forward+backward), chunk (infer with extractors chunked over segments), xla-flags (infer + "
+                         "(infer, stage II, stage I with the other kernels: xla, hybrid; stage I also cudnn-train), "
+                         "attn-micro (each Motionformer attention shape alone, "
+                         "cuDNN vs XLA vs cuDNN padded to even, forward and forward+backward), chunk (infer with extractors chunked over segments), xla-flags (infer + "
                          "stage II with --lever-xla-flags), e2e (stage II fed from host uint8 batches, "
                          "with and without prefetch; host-to-device bytes and rates)")
     ap.add_argument("--levers-only", action="store_true",
@@ -186,6 +188,8 @@ class AttentionLog:
         elif mode == "hybrid":  # cuDNN only where a query block is long enough to fill its tiles
             orig_use = layers._use_cudnn
             layers._use_cudnn = lambda q: orig_use(q) and q.shape[1] >= 64
+        elif mode == "cudnn-train":  # this child process only
+            os.environ[layers.ODD_LENGTH_GRAD_ENV] = "cudnn"
         orig = jax.nn.dot_product_attention
 
         def wrapped(*a, implementation=None, **k):
@@ -599,9 +603,12 @@ def _e2e(trainer, compiled, holder, hb, rng, spec) -> dict:
 
 def child_attn_micro(spec) -> dict:
     """The three attention shapes of one Motionformer block at the inference batch, alone:
-    XLA vs cuDNN, forward and forward + backward, bfloat16 (median of 20 after 3 warm-ups)."""
+    XLA vs cuDNN vs cuDNN on lengths padded to even, forward and forward + backward,
+    bfloat16 (median of 20 after 3 warm-ups)."""
     import jax
     import jax.numpy as jnp
+
+    from synchformer_jax.models import layers
 
     m = model_config_for(spec["size"], spec.get("img_size"), "infer")
     v = m.video
@@ -619,9 +626,13 @@ def child_attn_micro(spec) -> dict:
         k = jax.random.normal(ks[1], (bk, lk, h, d), jnp.float32).astype(dt)
         vv = jax.random.normal(ks[2], (bk, lk, h, d), jnp.float32).astype(dt)
         flops = 4.0 * bq * lq * lk * h * d
-        for impl in ("xla", "cudnn"):
+        # cudnn-padded: lengths padded to even with a padding mask (layers.even_padded_attention),
+        # the way cuDNN can train these odd lengths (SYNCHFORMER_JAX_ODD_ATTENTION_GRAD=cudnn).
+        for impl in ("xla", "cudnn", "cudnn-padded"):
             for mode in ("fwd", "fwd+bwd"):
                 def f(q, k, vv, impl=impl):
+                    if impl == "cudnn-padded":
+                        return layers.even_padded_attention(q, k, vv, scale=d ** -0.5, implementation="cudnn")
                     return jax.nn.dot_product_attention(q, k, vv, scale=d ** -0.5, implementation=impl)
                 fn = jax.jit(f) if mode == "fwd" else jax.jit(jax.grad(
                     lambda q, k, vv, impl=impl: jnp.sum(f(q, k, vv, impl).astype(jnp.float32)), argnums=(0, 1, 2)))
@@ -973,13 +984,15 @@ def run_levers(args, report, common, modes, levers, batches):
                     remat_policy=other, label=f"stage1:remat-policy={other}")
         report["jax"][spec["label"]] = run_child(args, spec)
         write_json(args.json_out, report)
-    others = [k for k in ("xla", "hybrid", "cudnn") if k != args.attention and not
+    others = [k for k in ("xla", "hybrid", "cudnn", "cudnn-train") if k != args.attention and not
               (args.attention == "auto" and k == "cudnn")]
     if "attention" in levers:
         # Mode outer: the cheap inference / stage-II variants first, the stage-I ones (which
         # can take minutes each) last, so that a deadline cuts the expensive ones.
         for mode in [m for m in ("infer", "stage2", "stage1") if m in modes]:
             for other in others:
+                if other == "cudnn-train" and mode != "stage1":
+                    continue  # the same as auto where the extractors are not trained
                 b, remat = (_like_default(args, report, mode, batches) if mode == "stage1"
                             else (batches[mode], False))
                 spec = dict(common, kind=mode, batch=b, remat=remat, attention=other,

@@ -161,7 +161,8 @@ def _cudnn_stand_in(monkeypatch) -> list:
     """cuDNN's fused attention as jax 0.11.2 / cuDNN 9.19 behaved on an H100: any length
     in a forward pass, but its training rule raises for odd sequence lengths (what broke
     the stage-I step under remat; docs/benchmarks.md, second GPU call). Computes with
-    XLA attention; returns the list of lengths it was called with."""
+    XLA attention; returns the list of lengths it was called with (and whether a padding
+    mask came with them)."""
     real = jax.nn.dot_product_attention
     calls = []
 
@@ -178,7 +179,11 @@ def _cudnn_stand_in(monkeypatch) -> list:
 
     def dot_product_attention(q, k, v, *args, scale=None, implementation=None, **kwargs):
         if implementation == "cudnn":
-            calls.append((q.shape[1], k.shape[1]))
+            padded = kwargs.get("key_value_seq_lengths") is not None
+            calls.append((q.shape[1], k.shape[1], padded))
+            if padded:  # the even-padded training path: even lengths, which cuDNN trains
+                assert q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0, (q.shape, k.shape)
+                return real(q, k, v, *args, scale=scale, implementation="xla", **kwargs)
             return fused(q, k, v, scale)
         return real(q, k, v, *args, scale=scale, implementation=implementation, **kwargs)
 
@@ -187,12 +192,14 @@ def _cudnn_stand_in(monkeypatch) -> list:
     return calls
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_stage1_remat_step_trains_through_cudnn_attention(monkeypatch, scan):
+@pytest.mark.parametrize("scan,grad_kernel", [(False, "xla"), (True, "xla"), (True, "cudnn")])
+def test_stage1_remat_step_trains_through_cudnn_attention(monkeypatch, scan, grad_kernel):
     """With cuDNN attention (a stand-in here) the stage-I gradients under remat, unrolled or
     scanned, equal XLA attention's: odd lengths (the time attention's 9 keys, the space
     attention's and the spatial aggregator's 197, the frequency aggregator's 13) take the
-    kernel forward and XLA's gradient; without that wrapper the same step raises."""
+    kernel forward and, for the gradient, XLA's attention or cuDNN on lengths padded to
+    even (`SYNCHFORMER_JAX_ODD_ATTENTION_GRAD`); without that wrapper the same step raises."""
+    monkeypatch.setenv(layers.ODD_LENGTH_GRAD_ENV, grad_kernel)
     config = _small(kind=KIND_AVCLIP, remat=True, scan_blocks=scan)
     params = sf.init_params(config, jax.random.key(0))
     video, audio = _inputs(config)
@@ -205,10 +212,11 @@ def test_stage1_remat_step_trains_through_cudnn_attention(monkeypatch, scan):
     expected = grads()
     calls = _cudnn_stand_in(monkeypatch)
     got = grads()
-    assert any(q % 2 or k % 2 for q, k in calls), calls  # odd lengths went to the kernel
+    assert any(q % 2 or k % 2 for q, k, _ in calls), calls  # odd lengths went to the kernel
+    assert any(padded for _, _, padded in calls) == (grad_kernel == "cudnn"), calls
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-5), got, expected)
-    monkeypatch.setattr(layers, "_cudnn_forward_xla_grad", lambda q, k, v, scale: jax.nn.dot_product_attention(
-        q, k, v, scale=scale, implementation="cudnn"))
+    monkeypatch.setattr(layers, "_fused_forward", lambda q, k, v, scale, forward, grad: jax.nn.dot_product_attention(
+        q, k, v, scale=scale, implementation=forward))
     with pytest.raises(NotImplementedError, match="Unsupported sequence length"):
         grads()
 
@@ -294,6 +302,43 @@ def test_bad_input_shapes_are_named():
         model.apply({"params": params}, video[0], audio)
     with pytest.raises(ValueError, match=r"audio must be"):
         model.apply({"params": params}, video, audio[:, :, :, :, :, None])
+
+
+@pytest.mark.parametrize("lq, lk", [(8, 9), (196, 197), (13, 13), (1, 9), (6, 6)])
+def test_even_padded_attention_equals_unpadded(lq, lk):
+    """cuDNN's training recipe for odd lengths (one zero token of padding, the pad key
+    masked by sequence lengths, the pad query dropped), run on XLA: values and gradients
+    equal the unpadded attention's, and the mask is real (an unmasked pad key would get
+    weight exp(0) and change the result)."""
+    rng = np.random.default_rng(lq + lk)
+    q = jnp.asarray(rng.normal(0, 1, (3, lq, 2, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(0, 1, (3, lk, 2, 8)), jnp.float32) for _ in range(2))
+    plain = functools.partial(jax.nn.dot_product_attention, scale=0.3, implementation="xla")
+    padded = functools.partial(layers.even_padded_attention, scale=0.3, implementation="xla")
+    through_wrapper = lambda q, k, v: layers._fused_forward(q, k, v, 0.3, "xla", "xla-padded")  # noqa: E731
+    want = jax.jit(plain)(q, k, v)
+    for fn in (padded, through_wrapper):
+        np.testing.assert_allclose(jax.jit(fn)(q, k, v), want, rtol=1e-6, atol=1e-6)
+        w = jnp.asarray(rng.normal(0, 1, want.shape), jnp.float32)
+        grads = jax.jit(jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v) * w), argnums=(0, 1, 2)))(q, k, v)
+        wants = jax.jit(jax.grad(lambda q, k, v: jnp.sum(plain(q, k, v) * w), argnums=(0, 1, 2)))(q, k, v)
+        for g, h in zip(grads, wants):
+            assert g.shape == h.shape
+            np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-6)
+    if lk % 2:
+        unmasked = jax.nn.dot_product_attention(layers._pad_to_even(q), layers._pad_to_even(k),
+                                                layers._pad_to_even(v), scale=0.3)[:, :lq]
+        assert not np.allclose(unmasked, want, atol=1e-3)
+
+
+def test_odd_length_grad_kernel_setting(monkeypatch):
+    monkeypatch.delenv(layers.ODD_LENGTH_GRAD_ENV, raising=False)
+    assert layers.odd_length_grad_kernel() == "xla"
+    monkeypatch.setenv(layers.ODD_LENGTH_GRAD_ENV, "cudnn")
+    assert layers.odd_length_grad_kernel() == "cudnn"
+    monkeypatch.setenv(layers.ODD_LENGTH_GRAD_ENV, "flash")
+    with pytest.raises(ValueError, match="SYNCHFORMER_JAX_ODD_ATTENTION_GRAD='flash'"):
+        layers.odd_length_grad_kernel()
 
 
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)])

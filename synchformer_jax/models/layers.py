@@ -9,6 +9,7 @@ official code: fp16 branch outputs are added to an fp32 residual.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -54,8 +55,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
 
     Goes through `jax.nn.dot_product_attention` (so GPUs get the fused cuDNN kernel)
     unless attention-probability dropout is active, which the fused path cannot do.
-    Odd sequence lengths use cuDNN only when not differentiated (see
-    `_cudnn_forward_xla_grad`). Softmax runs in float32 on both paths.
+    Odd sequence lengths use cuDNN only when not differentiated, unless
+    `$SYNCHFORMER_JAX_ODD_ATTENTION_GRAD=cudnn` (see `_fused_forward`). Softmax runs in
+    float32 on both paths.
     """
     if dropout_rate > 0.0 and not deterministic:
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
@@ -67,10 +69,31 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
         try:
             if q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0:
                 return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
-            return _cudnn_forward_xla_grad(q, k, v, scale)
+            return _fused_forward(q, k, v, scale, "cudnn", odd_length_grad_kernel())
         except (ValueError, NotImplementedError, RuntimeError):
             pass  # a shape/dtype cuDNN does not take: the XLA path below computes the same
     return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
+
+
+def even_padded_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
+                          implementation: str) -> jax.Array:
+    """`attention` with odd sequence lengths padded by one zero token to even ones.
+
+    The pad key is masked out through `key_value_seq_lengths` (a padding mask, not a bias),
+    the pad query's row is dropped, so the result and its gradients are those of the
+    unpadded attention. cuDNN trains only even lengths (see `_fused_forward`).
+    """
+    t, s = q.shape[1], k.shape[1]
+    lengths = jnp.full((q.shape[0],), s, jnp.int32)
+    out = jax.nn.dot_product_attention(_pad_to_even(q), _pad_to_even(k), _pad_to_even(v), scale=scale,
+                                       key_value_seq_lengths=lengths, implementation=implementation)
+    return out[:, :t]
+
+
+def _pad_to_even(x: jax.Array) -> jax.Array:
+    if x.shape[1] % 2 == 0:
+        return x
+    return jnp.pad(x, [(0, 0), (0, 1)] + [(0, 0)] * (x.ndim - 2))
 
 
 def single_query_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -98,31 +121,51 @@ def single_query_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Arra
     return every_head[:, head, head].astype(v.dtype)
 
 
-# cuDNN's fused attention takes odd sequence lengths (the Motionformer's 9, 197 and 1,569
-# keys) in inference but not in training: with jax 0.11.2 / cuDNN 9.19 on an H100 its
-# training forward rule raised "Unsupported sequence length Q 1, KV 1569" (2026-11-23,
-# docs/benchmarks.md). Without remat that error is raised inside `attention`'s try and
-# the XLA path is taken; under `nn.remat` (jax.checkpoint) the rule runs later, when the
-# checkpointed block is differentiated, outside the try, and the whole stage-I step
-# failed. So odd lengths get this wrapper: the cuDNN kernel when not differentiated
-# (inference and the frozen extractors of stage II keep the kernel measured there) and
-# XLA attention's own forward and backward when differentiated (what the try/except
-# gave stage I without remat).
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _cudnn_forward_xla_grad(q, k, v, scale):
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+# cuDNN's fused attention takes odd sequence lengths (the Motionformer's 9 and 197 keys,
+# the aggregators' 13 and 197 tokens) in inference but not in training: jax's training
+# rule passes its "no bias" placeholder as a bias, and biased training needs even lengths
+# ("Unsupported sequence length Q 1, KV 1569" on an H100 with jax 0.11.2 / cuDNN 9.19,
+# 2026-11-23, docs/benchmarks.md; the same check in jax 0.10-0.12). Without remat that
+# error is raised inside `attention`'s try and the XLA path is taken; under `nn.remat`
+# (jax.checkpoint) the rule runs later, when the checkpointed block is differentiated,
+# outside the try, and the whole stage-I step failed. So odd lengths go through this
+# wrapper: the `forward` kernel when not differentiated (inference and the frozen
+# extractors of stage II keep the cuDNN kernel measured there) and, when differentiated,
+# the `grad` kernel's own forward and backward: "xla" (XLA attention, what the try/except
+# gave stage I without remat) or "cudnn" (cuDNN on lengths padded to even,
+# `even_padded_attention`; not yet measured on a GPU).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _fused_forward(q, k, v, scale, forward, grad):
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=forward)
 
 
-def _xla_attention_vjp(q, k, v, scale):
+def _fused_forward_fwd(q, k, v, scale, forward, grad):
+    if grad == "cudnn":
+        return jax.vjp(functools.partial(even_padded_attention, scale=scale, implementation="cudnn"), q, k, v)
+    # "xla-padded" is the cuDNN recipe on the XLA kernel, so that it can be tested on a CPU.
+    if grad == "xla-padded":
+        return jax.vjp(functools.partial(even_padded_attention, scale=scale, implementation="xla"), q, k, v)
     return jax.vjp(lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, scale=scale, implementation="xla"), q, k, v)
 
 
-def _cudnn_forward_xla_grad_bwd(scale, vjp_fn, g):
+def _fused_forward_bwd(scale, forward, grad, vjp_fn, g):
     return vjp_fn(g)
 
 
-_cudnn_forward_xla_grad.defvjp(_xla_attention_vjp, _cudnn_forward_xla_grad_bwd)
+_fused_forward.defvjp(_fused_forward_fwd, _fused_forward_bwd)
+
+ODD_LENGTH_GRAD_ENV = "SYNCHFORMER_JAX_ODD_ATTENTION_GRAD"
+ODD_LENGTH_GRAD_KERNELS = ("xla", "cudnn")
+
+
+def odd_length_grad_kernel() -> str:
+    """Which kernel trains odd-length attention on a GPU: `$SYNCHFORMER_JAX_ODD_ATTENTION_GRAD`,
+    "xla" (default) or "cudnn" (padded to even). Read at trace time."""
+    kernel = os.environ.get(ODD_LENGTH_GRAD_ENV, "xla") or "xla"
+    if kernel not in ODD_LENGTH_GRAD_KERNELS:
+        raise ValueError(f"{ODD_LENGTH_GRAD_ENV}={kernel!r}: choose one of {', '.join(ODD_LENGTH_GRAD_KERNELS)}")
+    return kernel
 
 
 def _use_cudnn(q: jax.Array) -> bool:
