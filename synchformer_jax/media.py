@@ -169,6 +169,8 @@ class DecodedMedia(NamedTuple):
 
 def _check_file(path) -> None:
     if not os.path.exists(path):
+        if os.path.islink(path):
+            raise MediaError(path, f"broken symbolic link (to {_display_name(os.readlink(path))}, which does not exist)")
         raise MediaError(path, "no such file")
     if os.path.isdir(path):
         raise MediaError(path, "is a directory, not a media file")
@@ -182,7 +184,8 @@ def _open_input(path):
 
     FFmpeg takes file names as UTF-8, so a name that is not valid UTF-8 (bytes from a
     Linux file system, surrogate-escaped str) is opened by Python and handed over as a
-    file object; the decoded content is the same.
+    file object; the decoded content is the same. Names with a colon are made absolute,
+    so that FFmpeg does not take their start for a protocol.
     """
     fspath = os.fspath(path)
     handle = None
@@ -192,6 +195,10 @@ def _open_input(path):
         else:
             fspath.encode("utf-8")
         source = fspath if isinstance(fspath, str) else fspath.decode("utf-8")
+        if ":" in source:
+            # FFmpeg reads "12:30 clip.mkv" or "data:x.mp4" as a URL scheme; a path with a
+            # directory part ("/abs/12:30 clip.mkv") is always a file to it.
+            source = os.path.abspath(source)
     except UnicodeError:
         handle = open(fspath, "rb")
         source = handle
@@ -410,9 +417,22 @@ def _probe_source(container, path) -> dict[str, Any]:
         "audio_rate": int(astream.rate or 0), "audio_channels": len(acc.layout.channels) if acc.layout else 0,
         "video_start_sec": sec(vstream), "audio_start_sec": sec(astream),
         "video_end_sec": end(vstream), "audio_end_sec": end(astream),
-        "container_end_sec": (None if not container.duration else
-                              (container.start_time or 0) / 1e6 + container.duration / 1e6),
+        "container_end_sec": _container_end_sec(container),
     }
+
+
+def _container_end_sec(container) -> Optional[float]:
+    """Where the file says its media ends, in its own timeline."""
+    if not container.duration:
+        return None
+    duration = container.duration / 1e6
+    if "matroska" in container.format.name.split(","):
+        # FFmpeg reports matroska's Segment Duration as is, and its muxer writes the end
+        # time there (streams starting at 1 s and lasting 3 s: 4 s), not the length from
+        # the first timestamp. Adding the start would count it twice; for a writer that
+        # means a length, the end is merely checked less strictly.
+        return duration
+    return (container.start_time or 0) / 1e6 + duration
 
 
 def _truncated_mp4_box(path) -> Optional[str]:

@@ -69,7 +69,9 @@ def expand_inputs(paths: Sequence[str]) -> list[tuple[str, Optional[str]]]:
     for raw in paths:
         p = pathlib.Path(raw)
         if p.is_dir():
-            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in VIDEO_EXTENSIONS)
+            # Broken links are listed too: media reports them, rather than them vanishing.
+            found = sorted(str(f) for f in p.rglob("*") if (f.is_file() or (f.is_symlink() and not f.exists()))
+                           and f.suffix.lower() in VIDEO_EXTENSIONS)
             if not found:
                 add(raw, "folder holds no video files (extensions: " + " ".join(sorted(VIDEO_EXTENSIONS)) + ")")
             for f in found:

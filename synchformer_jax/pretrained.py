@@ -120,8 +120,11 @@ def _load_folder(directory: pathlib.Path, overrides: Optional[Mapping[str, Any]]
     config = ModelConfig.from_dict(json.loads(config_path.read_text()))
     if overrides:
         config = config.replace(**overrides)
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(directory / PARAMS_DIR)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            params = ckptr.restore((directory / PARAMS_DIR).absolute())  # orbax refuses relative paths
+    except Exception as exc:  # noqa: BLE001 - orbax/tensorstore raise many kinds; one line names the folder
+        raise CheckpointError(f"{directory}: cannot read {PARAMS_DIR}/ ({type(exc).__name__}: {exc})") from exc
     passthrough = {}
     if (directory / PASSTHROUGH_FILE).exists():
         from safetensors.numpy import load_file

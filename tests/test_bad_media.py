@@ -216,6 +216,23 @@ def test_non_utf8_file_name(tmp_path):
     assert "\\udce9" in msg  # repr of the surrogate-escaped name
 
 
+@pytest.mark.parametrize("name", ["12:30 clip.mkv", "data:clip.mp4"])
+def test_colon_in_a_relative_file_name(tmp_path, monkeypatch, name):
+    # FFmpeg would read "12:30 clip.mkv" / "data:clip.mp4" as URLs ("Protocol not found").
+    make_clip(tmp_path / name, fps=25, rate=44100)
+    monkeypatch.chdir(tmp_path)
+    _aligned(conform(name))
+    assert decode_media(name).frames.shape[0] == 50
+    with open("12:31 text.mp4", "w") as f:
+        f.write("plain text, not a video\n")
+    _assert_error("12:31 text.mp4", "not a readable media file")
+
+
+def test_broken_symbolic_link(tmp_path):
+    (tmp_path / "gone.mp4").symlink_to(tmp_path / "deleted.mp4")
+    _assert_error(tmp_path / "gone.mp4", "broken symbolic link", "deleted.mp4")
+
+
 def test_non_utf8_metadata(tmp_path):
     # The muxer's "Lavf..." tags (matroska MuxingApp / ENCODER) overwritten in place with
     # Latin-1 bytes: a strict UTF-8 reading of the metadata fails on opening (PyAV < 19

@@ -201,6 +201,24 @@ def test_video_starting_after_audio(tmp_path):
                   flash_end=EVENT_SEC + Fraction(1, 25))
 
 
+@pytest.mark.parametrize("fname", ["late_start.mkv", "late_start.webm"])
+def test_matroska_streams_starting_late(tmp_path, fname):
+    # Both streams from 0.6 s: FFmpeg's matroska muxer writes the end time (2.6 s) as the
+    # Segment Duration, which must not be read as a 2.6-s length after a 0.6-s start
+    # ("truncated or damaged: ... declares 3.20s" before).
+    codecs = {"vcodec": "libx264", "acodec": "aac"} if fname.endswith(".mkv") else \
+        {"vcodec": "libvpx-vp9", "acodec": "libopus", "rate": 48000}
+    times = [Fraction(3, 5) + Fraction(i, 25) for i in range(50)]  # 0.6 .. 2.6 s
+    src = make_clip(tmp_path / fname, fps=25, frame_times=times, audio_start=0.6, duration=2.6,
+                    **{"rate": 44100, **codecs})
+    with av.open(str(src)) as c:  # the end time, as described
+        assert c.start_time == 600_000 and abs(c.duration - 2_600_000) < 30_000, (c.start_time, c.duration)
+    clip = conform(src)
+    assert clip.source["t0_sec"] == pytest.approx(0.6, abs=1e-3)
+    assert clip.frames.shape[0] == 50
+    check_aligned(clip, tmp_path, fname.replace(".", "_"), t0=Fraction(3, 5))
+
+
 def test_variable_frame_rate(tmp_path):
     # Irregular pts (10..60 ms apart), one frame exactly at the event.
     rng = np.random.default_rng(0)

@@ -163,6 +163,7 @@ def batch_run(tmp_path_factory, models):
     (folder / "cut.mp4").write_bytes(data[: len(data) * 2 // 5])
     write_video(folder / "silent_film.mp4", 6.0, audio=False)
     write_video(folder / "short.mp4", 3.0, seed=3)
+    (folder / "gone.mp4").symlink_to(d / "deleted.mp4")  # a broken link is reported, not skipped
     (folder / "readme.txt").write_text("ignored: not a video extension")
     missing = d / "missing.mp4"
     pattern = d / "*.webm"
@@ -182,6 +183,7 @@ def test_bad_inputs_get_one_line_errors_and_the_rest_is_scored(batch_run):
     # (the writer puts the moov box last, so the cut file has no index at all)
     bad = {str(folder / "cut.mp4"): "not a readable media file", str(folder / "notes.mp4"): "not a readable media file",
            str(folder / "short.mp4"): "too short", str(folder / "silent_film.mp4"): "no audio stream",
+           str(folder / "gone.mp4"): "broken symbolic link",
            str(r["missing"]): "no such file", str(r["pattern"]): "no files match"}
     lines = r["err"].strip().splitlines()
     errors = [ln for ln in lines if ln.startswith("error: ")]
@@ -189,10 +191,10 @@ def test_bad_inputs_get_one_line_errors_and_the_rest_is_scored(batch_run):
     for path, word in bad.items():
         (line,) = [ln for ln in errors if ln.startswith(f"error: {path}: ")]
         assert word in line, line
-    assert lines[-1] == f"{len(bad)} of 8 input(s) could not be scored"
+    assert lines[-1] == f"{len(bad)} of 9 input(s) could not be scored"
 
     records = [json.loads(ln) for ln in r["out"].splitlines()]
-    names = ("a.mp4", "cut.mp4", "notes.mp4", "short.mp4", "silent_film.mp4", "sub/b.mp4")  # sorted, recursive
+    names = ("a.mp4", "cut.mp4", "gone.mp4", "notes.mp4", "short.mp4", "silent_film.mp4", "sub/b.mp4")  # sorted
     expected_order = [str(folder / n) for n in names] + [str(r["missing"]), str(r["pattern"])]
     assert [rec["path"] for rec in records] == expected_order
     for rec in records:
@@ -266,6 +268,14 @@ def test_usage_errors(models, batch_run, capsys):
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1
     rc, out, err = run_cli([batch_run["a"], "--checkpoint", models["offset"], "--devices", 9], capsys)
     assert rc == 2 and err == "error: --devices 9: this process has 8 local device(s)\n" and not out
+
+
+def test_model_folder_given_as_a_relative_path(batch_run, models, capsys, monkeypatch):
+    """orbax restores only absolute paths; `--checkpoint models/x` from the README must work."""
+    monkeypatch.chdir(models["offset"].parent)
+    rc, out, err = run_cli([batch_run["a"], "--checkpoint", models["offset"].name, "--json", "--no-progress"], capsys)
+    assert rc == 0, err
+    assert json.loads(out)["videos"][0]["ok"]
 
 
 def test_one_window_that_does_not_fit_is_an_error_for_that_file(batch_run, models, capsys):
