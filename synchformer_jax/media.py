@@ -44,9 +44,14 @@ Timeline (what makes audio and video line up):
 
 * The output origin `t0` is the presentation time of the first decoded video frame,
   or 0 if that is negative (edit lists / muxers with negative timestamps: presentation
-  starts at 0). Timestamps are taken from each decoded frame (`pts * time_base`, i.e.
+  starts at 0; not in MPEG-TS, whose negative times are the part before a timestamp
+  wrap). Timestamps are taken from each decoded frame (`pts * time_base`, i.e.
   after the demuxer applied stream start times and edit lists and after the audio
   decoder dropped its priming samples), not from the container's nominal start.
+  Decoders output video in presentation order; the k-th frame out is given the k-th
+  smallest timestamp within a 16-frame window, which repairs containers that hand out
+  decode-order times (AVI with B-frames) and changes nothing elsewhere. Timestamps
+  going back by more than 0.5 s (a reset: concatenated recordings) raise.
 * Video: output frame k shows the latest input frame whose time is <= t0 + k/25
   (sample-and-hold: what a player displays at that instant; this is what ffmpeg's
   `fps` filter does for frames that land on the grid). A tolerance of 1/100 of an
@@ -57,12 +62,17 @@ Timeline (what makes audio and video line up):
   timestamps); after that samples are counted, and only a timestamp jump of more
   than 2 ms against the count is honoured (gaps become silence, overlaps are cut).
   Channels are averaged, then sample 0 is moved to t0: audio starting later than the
-  video is padded with silence at the front, earlier audio is trimmed.
+  video is padded with silence at the front, earlier audio is trimmed. A sample rate
+  that changes mid-stream is brought to the highest one first, run by run
+  (`ConformedClip.source["audio_rates_decoded"]` lists them).
   Resampling to 16 kHz uses libswresample (`av.AudioResampler`, the library behind
   ffmpeg's `-ar`); its output is delay-compensated (sample 0 stays at time 0).
 * The produced mp4 relies on the AAC encoder's priming being signalled by the muxer
   (edit list) and removed by the decoder; `tests/test_media_contract.py` checks this
   by decoding the output again and locating a click to within 1 ms.
+
+Streams: the first video stream that is not cover art (an attached picture) and the
+first audio stream, as torchvision picks them; "default" flags are not consulted.
 
 Size: scale so that the shorter side is 256 (the longer one `trunc(long * 256 /
 short)`, as ffmpeg's scale filter truncates the expression), then drop the last column
@@ -95,8 +105,10 @@ below -60 dBFS) and `is_silent` let a data preparation step decide.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
+import heapq
 import io
 import os
 import warnings
@@ -271,11 +283,16 @@ def _audio_to_float_planar(frame) -> np.ndarray:
 
 
 def _av_streams(container, path):
-    if not container.streams.video:
-        raise MediaError(path, "has no video stream")
+    """The first video stream that is not a cover image, and the first audio stream
+    (torchvision's choice, which the official decode makes)."""
+    # Cover art (an "attached picture": album art of an m4a, a thumbnail) is a video
+    # stream of one still image; it is not the video.
+    videos = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    if not videos:
+        raise MediaError(path, "has no video stream" + (" (only a cover image)" if container.streams.video else ""))
     if not container.streams.audio:
         raise MediaError(path, "has no audio stream")
-    return container.streams.video[0], container.streams.audio[0]
+    return videos[0], container.streams.audio[0]
 
 
 def _decode_container(container, path, end_sec: Optional[float], strict: bool = False) -> DecodedMedia:
@@ -472,7 +489,7 @@ def _conforms(container, info: dict[str, Any]) -> bool:
     w, h = info["width"], info["height"]
     if min(w, h) != TARGET_SHORT_SIDE or w % 2 or h % 2 or info["audio_rate"] != TARGET_SAMPLE_RATE:
         return False
-    vstream, astream = container.streams.video[0], container.streams.audio[0]
+    vstream, astream = _av_streams(container, None)
     vpts, apts = [], []
     try:
         for packet in container.demux(vstream, astream):
@@ -497,9 +514,12 @@ def _conforms(container, info: dict[str, Any]) -> bool:
 class _Grid:
     """Sample-and-hold of timestamped frames onto the 25 fps output grid (module doc)."""
 
-    def __init__(self, path, t_limit: Optional[Fraction]):
+    def __init__(self, path, t_limit: Optional[Fraction], negative_start_is_lead_in: bool = True):
         self.path = path
         self.t_limit = t_limit  # output times at or beyond this are not produced
+        # Whether frames before time 0 are a lead-in that presentation skips (edit lists);
+        # where a format has no such thing (MPEG-TS) they are content (see `_decode_any`).
+        self.negative_start_is_lead_in = negative_start_is_lead_in
         self.t0: Optional[Fraction] = None
         self.size = None
         self.out: list[np.ndarray] = []
@@ -535,7 +555,7 @@ class _Grid:
             return
         if self._held is None:
             self.size = _target_size(frame.width, frame.height)
-            self.t0 = max(time, Fraction(0))
+            self.t0 = max(time, Fraction(0)) if self.negative_start_is_lead_in else time
             self._held = (time, frame, None)
             return
         if time <= self._held[0]:
@@ -549,6 +569,40 @@ class _Grid:
     def finish(self, t_end: Fraction) -> None:
         if self._held is not None:
             self._emit_until(t_end)
+
+
+class _PresentationTimes:
+    """Pairs decoded frames with their presentation times, in output order.
+
+    Decoders output frames in presentation order, but a container without presentation
+    timestamps (AVI) hands each frame the timestamp of the packet it was decoded from:
+    with B-frames the times come out permuted within the codec's reorder window
+    (1, 4, 3, 5, 2, 8, ... for frames 0, 1, 2, ...). The k-th frame out is shown at the
+    k-th smallest time, which a min-heap over a window of `window` frames gives; for
+    correct timestamps it changes nothing. The frames wait in the window (16, the most
+    that H.264/HEVC reorder).
+    """
+
+    def __init__(self, window: int = 16):
+        self.window = window
+        self._times: list[Fraction] = []
+        self._frames: collections.deque = collections.deque()
+
+    def push(self, time: Fraction, frame) -> list:
+        heapq.heappush(self._times, time)
+        self._frames.append(frame)
+        if len(self._frames) > self.window:
+            return [(heapq.heappop(self._times), self._frames.popleft())]
+        return []
+
+    def flush(self) -> list:
+        out = []
+        while self._frames:
+            out.append((heapq.heappop(self._times), self._frames.popleft()))
+        return out
+
+
+_TIMESTAMP_RESET_SEC = 0.5  # a stream going back further than this is discontinuous
 
 
 def _frame_time(frame, index: int, fallback_rate) -> Optional[Fraction]:
@@ -574,17 +628,38 @@ def _decode_any(container, path, max_duration_sec: Optional[float]):
     _strict(astream)
     vstream.thread_type = "AUTO"
     limit = None if max_duration_sec is None else Fraction(max_duration_sec).limit_denominator(10 ** 6)
-    grid = _Grid(path, None)
+    # MPEG-TS has no edit lists: its only negative times are FFmpeg's correction of a
+    # timestamp wrap (the part before the wrap), which is content, not a lead-in.
+    grid = _Grid(path, None, negative_start_is_lead_in="mpegts" not in container.format.name.split(","))
     vrate = vstream.average_rate or vstream.guessed_rate
     last_time, last_duration, intervals = None, None, []
     vindex = 0
-    achunks: list[tuple[Optional[Fraction], np.ndarray]] = []
-    arate = None
+    presentation = _PresentationTimes()
+    achunks: list[tuple[Optional[Fraction], np.ndarray, int]] = []  # (time, mono samples, their rate)
     audio_past_end = video_past_end = False
 
     def check(frame, kind, time):
         if getattr(frame, "is_corrupt", False):
             raise MediaError(path, f"{kind} stream is corrupt near {float(time or 0):.2f}s")
+
+    def show(time, frame):
+        """One video frame at its presentation time, in presentation order."""
+        nonlocal last_time, last_duration, video_past_end
+        if grid.t0 is None and limit is not None:
+            grid.t_limit = (max(time, Fraction(0)) if grid.negative_start_is_lead_in else time) + limit
+        if last_time is not None and time < last_time - _TIMESTAMP_RESET_SEC:
+            raise MediaError(path, f"video timestamps jump back from {float(last_time):.2f}s to {float(time):.2f}s "
+                                   "(a timestamp reset: concatenated recordings?); re-mux it with continuous times")
+        if last_time is not None and time > last_time:
+            intervals.append(time - last_time)
+        if last_time is None or time > last_time:
+            last_time = time
+            dur = frame.duration
+            last_duration = (Fraction(dur) * Fraction(frame.time_base)
+                             if dur and frame.time_base is not None else None)
+        grid.push(time, frame)
+        if grid.done:
+            video_past_end = True
 
     current = "video"
     try:
@@ -602,31 +677,23 @@ def _decode_any(container, path, max_duration_sec: Optional[float]):
                     if time is None:
                         raise MediaError(path, "video frames have no timestamps and the stream no frame rate")
                     check(frame, "video", time)
-                    if grid.t0 is None and limit is not None:
-                        grid.t_limit = max(time, Fraction(0)) + limit
-                    if last_time is not None and time > last_time:
-                        intervals.append(time - last_time)
-                    if last_time is None or time > last_time:
-                        last_time = time
-                        dur = frame.duration
-                        last_duration = (Fraction(dur) * Fraction(frame.time_base)
-                                         if dur and frame.time_base is not None else None)
-                    grid.push(time, frame)
-                    if grid.done:
-                        video_past_end = True
+                    for shown in presentation.push(time, frame):
+                        show(*shown)
                 else:
-                    arate = frame.sample_rate
                     time = _frame_time(frame, 0, None)
                     check(frame, "audio", time)
                     x = _audio_to_float_planar(frame)
                     mono = x.mean(axis=0, dtype=np.float32) if x.shape[0] > 1 else x[0]
-                    achunks.append((time, np.array(mono, dtype=np.float32)))
+                    achunks.append((time, np.array(mono, dtype=np.float32), int(frame.sample_rate)))
                     if grid.t_limit is not None and time is not None and time > grid.t_limit + 1:
                         audio_past_end = True
         # container.demux ends with an empty packet per stream, whose decode() flushed
         # the decoders (frames held back for reordering / lookahead came out above).
     except av.error.FFmpegError as exc:
         raise MediaError(path, f"{current} stream fails to decode ({exc})") from exc
+    for shown in presentation.flush():
+        if not video_past_end:
+            show(*shown)
     if grid.t0 is None:
         raise MediaError(path, "video stream has no decodable frames")
     if not achunks:
@@ -645,7 +712,34 @@ def _decode_any(container, path, max_duration_sec: Optional[float]):
     grid.finish(t_end)
     if not grid.out:
         raise MediaError(path, "video is shorter than one output frame (1/25 s)")
-    return grid, achunks, int(arate)
+    return grid, achunks
+
+
+def _at_one_rate(achunks) -> tuple[list[tuple[Optional[Fraction], np.ndarray]], int]:
+    """Audio frames at one sample rate: the highest the stream uses.
+
+    A stream's rate can change mid-stream (broadcast captures, concatenated
+    recordings); read at one rate, the other parts would be pitch-shifted and cut. Each
+    run of frames at another rate is resampled as one piece (libswresample, no seams
+    inside the run) and split back into its frames, so their timestamps still place
+    them.
+    """
+    rate = max(r for _, _, r in achunks)
+    out, i = [], 0
+    while i < len(achunks):
+        j = i
+        while j < len(achunks) and achunks[j][2] == achunks[i][2]:
+            j += 1
+        run, run_rate = achunks[i:j], achunks[i][2]
+        if run_rate == rate:
+            out.extend((time, x) for time, x, _ in run)
+        else:
+            y = _resample(np.concatenate([x for _, x, _ in run]), run_rate, rate)
+            ends = np.cumsum([len(x) for _, x, _ in run])
+            cuts = [0] + [min(len(y), int(round(n * rate / run_rate))) for n in ends]
+            out.extend((time, y[a:b]) for (time, _, _), a, b in zip(run, cuts[:-1], cuts[1:]))
+        i = j
+    return out, rate
 
 
 def _audio_anchor(achunks, rate: int, jump: int, frames: int = 50) -> Fraction:
@@ -700,12 +794,14 @@ def _check_complete(path, info, t0: Fraction, video_len: Fraction, audio_len: Fr
                                    f"declares {declared:.2f}s")
 
 
-def _place_audio(achunks, rate: int, t0: Fraction, report: Optional[dict] = None) -> np.ndarray:
+def _place_audio(path, achunks, rate: int, t0: Fraction, report: Optional[dict] = None) -> np.ndarray:
     """Mono samples at `rate` with sample 0 at time `t0` (gaps silent, see module doc).
 
     The silence inserted for gaps is added up in `report["audio_gap_sec"]`: a demuxer
     that skipped damaged data mid-stream leaves such gaps, and so do legitimate files
-    (discontinuous transmission), so it is reported rather than raised.
+    (discontinuous transmission), so it is reported rather than raised. Timestamps
+    that go back by more than `_TIMESTAMP_RESET_SEC` (a reset) raise: cutting the
+    overlap would silently drop the rest of the stream.
     """
     gap = 0
     jump = max(1, int(round(_AUDIO_JUMP_SEC * rate)))
@@ -719,6 +815,10 @@ def _place_audio(achunks, rate: int, t0: Fraction, report: Optional[dict] = None
                 gap += want - pos
                 pos = want
             elif pos - want > jump:  # overlapping timestamps: drop what was already covered
+                if pos - want > _TIMESTAMP_RESET_SEC * rate:
+                    raise MediaError(path, f"audio timestamps jump back by {(pos - want) / rate:.2f}s at "
+                                           f"{float(time):.2f}s (a timestamp reset: concatenated recordings?); "
+                                           "re-mux it with continuous times")
                 x = x[pos - want:]
         pieces.append(x)
         pos += len(x)
@@ -734,10 +834,10 @@ def _place_audio(achunks, rate: int, t0: Fraction, report: Optional[dict] = None
     return audio
 
 
-def _resample(audio: np.ndarray, rate: int) -> np.ndarray:
-    if rate == TARGET_SAMPLE_RATE or audio.size == 0:
+def _resample(audio: np.ndarray, rate: int, target: int = TARGET_SAMPLE_RATE) -> np.ndarray:
+    if rate == target or audio.size == 0:
         return audio.astype(np.float32, copy=False)
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=TARGET_SAMPLE_RATE)
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=target)
     out = []
     step = 1 << 16
     for start in range(0, audio.shape[0], step):
@@ -748,8 +848,8 @@ def _resample(audio: np.ndarray, rate: int) -> np.ndarray:
         out.extend(resampler.resample(frame))
     out.extend(resampler.resample(None))
     y = np.concatenate([f.to_ndarray().reshape(-1) for f in out]).astype(np.float32, copy=False)
-    # The resampler's length is the input's duration at 16 kHz (up to rounding).
-    return y[:int(round(audio.shape[0] * TARGET_SAMPLE_RATE / rate))]
+    # The resampler's length is the input's duration at the target rate (up to rounding).
+    return y[:int(round(audio.shape[0] * target / rate))]
 
 
 def _encode_mp4(frames: list[np.ndarray], audio: np.ndarray) -> bytes:
@@ -785,9 +885,13 @@ def _encode_mp4(frames: list[np.ndarray], audio: np.ndarray) -> bytes:
 
 
 def _conform_open(container, path, max_duration_sec, info) -> ConformedClip:
-    grid, achunks, arate = _decode_any(container, path, max_duration_sec)
+    grid, achunks = _decode_any(container, path, max_duration_sec)
     info = dict(info)
-    placed = _place_audio(achunks, arate, grid.t0, info)
+    rates = sorted({r for _, _, r in achunks})
+    if len(rates) > 1:
+        info["audio_rates_decoded"] = rates
+    achunks, arate = _at_one_rate(achunks)
+    placed = _place_audio(path, achunks, arate, grid.t0, info)
     _check_complete(path, info, grid.t0, Fraction(len(grid.out), TARGET_FPS), Fraction(len(placed), arate),
                     max_duration_sec)
     audio = _resample(placed, arate)

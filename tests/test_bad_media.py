@@ -13,6 +13,7 @@ import os
 import struct
 import tracemalloc
 
+import av
 import numpy as np
 import pytest
 
@@ -121,6 +122,30 @@ def test_no_audio_stream(tmp_path):
 
 def test_no_video_stream(tmp_path):
     _assert_error(make_clip(tmp_path / "sound.m4a", video=False, fmt="mp4"), "no video stream")
+
+
+def test_audio_with_cover_art_only(tmp_path):
+    # An m4a with album art: one still image in a video stream flagged "attached picture".
+    path = tmp_path / "cover.m4a"
+    with av.open(str(path), "w", format="mp4") as out:
+        audio = out.add_stream("aac", rate=44100, layout="mono")
+        cover = out.add_stream("mjpeg", rate=1)
+        cover.width, cover.height, cover.pix_fmt = 32, 32, "yuvj420p"
+        cover.disposition = av.stream.Disposition.attached_pic
+        packets = []
+        for start in range(0, 3 * 44100, 1024):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 44100, start
+            packets += audio.encode(frame)
+        packets += audio.encode(None)
+        image = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 128, np.uint8), format="rgb24")
+        image = image.reformat(format="yuvj420p")
+        image.pts = 0
+        packets += list(cover.encode(image)) + list(cover.encode(None))
+        out.mux(packets)
+    with av.open(str(path)) as c:
+        assert [s.type for s in c.streams] == ["audio", "video"]
+    _assert_error(path, "has no video stream (only a cover image)")
 
 
 def test_shorter_than_minimum(tmp_path):

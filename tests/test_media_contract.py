@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 from synchformer_jax import records
-from synchformer_jax.media import ConformedClip, conform, decode_media, load_clip
+from synchformer_jax.media import ConformedClip, MediaError, conform, decode_media, load_clip
 
 EVENT_SEC = Fraction(1)  # flash and click
 DARK, WHITE = 16, 235
@@ -217,6 +217,113 @@ def test_matroska_streams_starting_late(tmp_path, fname):
     assert clip.source["t0_sec"] == pytest.approx(0.6, abs=1e-3)
     assert clip.frames.shape[0] == 50
     check_aligned(clip, tmp_path, fname.replace(".", "_"), t0=Fraction(3, 5))
+
+
+def _grey_index_clip(path, fmt, n=50, **x264):
+    """25 fps H.264 whose frame i has grey level 16 + 4 i (its index, read back)."""
+    with av.open(str(path), "w", format=fmt) as c:
+        vs = c.add_stream("libx264", rate=25, options={"crf": "1", **x264})
+        vs.width, vs.height, vs.pix_fmt = 64, 48, "yuv420p"
+        as_ = c.add_stream("mp2", rate=48000, layout="mono")
+        packets = []
+        for i in range(n):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 16 + 4 * i, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, 25)
+            packets += vs.encode(frame.reformat(format="yuv420p"))
+        packets += vs.encode(None)
+        for start in range(0, n * 48000 // 25, 1152):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1152), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts, frame.time_base = 48000, start, Fraction(1, 48000)
+            packets += as_.encode(frame)
+        packets += as_.encode(None)
+        packets.sort(key=lambda p: (p.dts or 0) * p.time_base)
+        c.mux(packets)
+    return path
+
+
+@pytest.mark.parametrize("fname, fmt", [("bframes.avi", "avi"), ("bframes.mkv", "matroska")])
+def test_avi_decode_order_timestamps_keep_frame_order(tmp_path, fname, fmt):
+    # AVI has no presentation timestamps: with B-frames FFmpeg hands the decoded frames
+    # the times of the packets they came from (1, 4, 3, 5, 2, ...). Trusting them held
+    # and dropped frames (0, 0, 0, 1, 3, 3, 3, 5, ...); the mkv is the control.
+    src = _grey_index_clip(tmp_path / fname, fmt, bframes="3")
+    if fmt == "avi":
+        with av.open(str(src)) as c:
+            times = [f.pts for f in c.decode(video=0)]
+        assert times != sorted(times)  # the container really gives permuted times
+    clip = conform(src)
+    shown = np.round((clip.frames.reshape(len(clip.frames), -1).mean(axis=1) - 16) / 4).astype(int)
+    assert shown.tolist() == list(range(50))
+
+
+def _mpegts_tone(path, start, rate, seconds=2):
+    """An MPEG-TS part from `start` s: 30 fps video, a 1 kHz tone at `rate` (mp2)."""
+    with av.open(str(path), "w", format="mpegts") as c:
+        vs = c.add_stream("libx264", rate=30, options={"bframes": "0"})
+        vs.width, vs.height, vs.pix_fmt = 64, 48, "yuv420p"
+        vs.codec_context.time_base = vs.time_base = Fraction(1, 90000)
+        as_ = c.add_stream("mp2", rate=rate, layout="mono")
+        packets = []
+        for i in range(30 * seconds):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), DARK, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = int((start + Fraction(i, 30)) * 90000), Fraction(1, 90000)
+            packets += vs.encode(frame.reformat(format="yuv420p"))
+        packets += vs.encode(None)
+        first = int(start * rate)
+        tone = 0.5 * np.sin(2 * np.pi * 1000 * (first + np.arange(seconds * rate)) / rate)
+        for s in range(0, seconds * rate, 1152):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(tone[None, s:s + 1152], np.float32),
+                                               format="fltp", layout="mono")
+            frame.sample_rate, frame.pts, frame.time_base = rate, first + s, Fraction(1, rate)
+            packets += as_.encode(frame)
+        packets += as_.encode(None)
+        packets.sort(key=lambda p: (p.dts or 0) * p.time_base)
+        c.mux(packets)
+    return path.read_bytes()
+
+
+def _dominant_hz(x):
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    return float(np.fft.rfftfreq(len(x), 1 / 16000)[np.argmax(spectrum)])
+
+
+def test_sample_rate_change_mid_stream(tmp_path):
+    # Two captures concatenated with continuous times: 48 kHz, then 44.1 kHz. Read at one
+    # rate, the first part came out at 916 Hz with 0.16 s of silence inserted.
+    src = tmp_path / "rates.ts"
+    src.write_bytes(_mpegts_tone(tmp_path / "a.ts", Fraction(0), 48000)
+                    + _mpegts_tone(tmp_path / "b.ts", Fraction(2), 44100))
+    clip = conform(src)
+    assert clip.source["audio_rates_decoded"] == [44100, 48000]
+    assert clip.source["audio_gap_sec"] < 0.001
+    for lo, hi in ((0.3, 1.7), (2.3, 3.7)):
+        assert abs(_dominant_hz(clip.audio[int(lo * 16000):int(hi * 16000)]) - 1000) < 2, (lo, hi)
+
+
+def test_timestamp_reset_is_an_error(tmp_path):
+    # The second recording restarts at 0: before, its video was dropped as "out of order"
+    # and its audio cut as "overlap", a silently halved example.
+    src = tmp_path / "reset.ts"
+    src.write_bytes(_mpegts_tone(tmp_path / "a.ts", Fraction(0), 48000)
+                    + _mpegts_tone(tmp_path / "b.ts", Fraction(0), 48000))
+    with pytest.raises(MediaError, match="jump back"):
+        conform(src)
+
+
+def test_mpegts_timestamp_wrap(tmp_path):
+    # MPEG-TS times are 33 bits at 90 kHz: a capture that starts 1 s before 2^33 ticks
+    # wraps. FFmpeg makes the part before the wrap negative; it is content, not a lead-in.
+    base = Fraction(int((Fraction(2 ** 33, 90000) - 1) * 30), 30)
+    times = [base + Fraction(i, 30) for i in range(60)]
+    event = base + Fraction(3, 2)
+    src = make_clip(tmp_path / "wrap.ts", fmt="mpegts", fps=30, frame_times=times, vtime_base=Fraction(1, 90000),
+                    audio_start=base, duration=base + 2, acodec="mp2", rate=48000, channels=1,
+                    flash_sec=event, click_sec=event, x264_opts={"bframes": "0"})
+    clip = conform(src)
+    assert clip.source["t0_sec"] < -0.9  # before the wrap
+    assert clip.frames.shape[0] == 50
+    assert flash_frames(clip.frames)[0] == 38  # 1.5 s in: the first output frame at or after it
+    assert abs(click_onset(clip.audio) - 24000) <= 16
 
 
 def test_variable_frame_rate(tmp_path):
