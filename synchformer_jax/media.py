@@ -81,7 +81,8 @@ Scaling is bicubic (ffmpeg's default) through swscale (`VideoFrame.reformat`), o
 frame at a time, straight from the source size to the output size, so a 4000x3000
 input never exists as an RGB array. Sample aspect ratio is ignored (the official
 filter uses the stored width/height too). Rotation metadata (phone videos) is ignored
-as well, whereas the ffmpeg CLI would rotate by default: a known difference.
+as well, whereas the ffmpeg CLI would rotate by default: a known difference. Both are
+recorded in `ConformedClip.source` (`sample_aspect_ratio`, `rotation_deg_ignored`).
 
 Errors: every problem raises `MediaError` with one line naming the file (the repr of
 the name when it is not printable UTF-8). Damage policy of `conform` (raise rather
@@ -244,10 +245,11 @@ def _decode_stream(container, stream, path, kind: str, end_pts: Optional[int], s
     # (pts -1024 in these mp4s) is handled differently and the first 1024 samples of
     # the output change (without it the first samples of the VGGSound files are not
     # the official zeros). Mirror it.
+    seek_error = None
     try:
         container.seek(0, any_frame=False, backward=True, stream=stream)
-    except av.error.FFmpegError:
-        pass  # unseekable inputs decode from where they are, which is the start
+    except av.error.FFmpegError as exc:
+        seek_error = exc  # unseekable inputs decode from where they are: the start, for the first stream
     frames = {}
     try:
         for index, frame in enumerate(container.decode(stream)):
@@ -262,6 +264,10 @@ def _decode_stream(container, stream, path, kind: str, end_pts: Optional[int], s
         # torchvision silently keeps what was decoded before a decode error; a damaged
         # file should not silently become a shorter example here.
         raise MediaError(path, f"{kind} stream fails to decode ({exc})") from exc
+    if not frames and seek_error is not None:
+        # e.g. FLV (no index for its audio): the other stream's decode left the demuxer at the end.
+        raise MediaError(path, f"{kind} stream cannot be read: the container cannot seek back to its start "
+                               f"({seek_error}); `conform` reads such files in one pass")
     return [frames[k] for k in sorted(frames)]
 
 
@@ -432,6 +438,9 @@ def _probe_source(container, path) -> dict[str, Any]:
         "width": vcc.width, "height": vcc.height,
         "average_rate": float(vstream.average_rate) if vstream.average_rate else None,
         "audio_rate": int(astream.rate or 0), "audio_channels": len(acc.layout.channels) if acc.layout else 0,
+        # Ignored by the conversion (module doc), recorded so that a user can tell.
+        "sample_aspect_ratio": (str(vstream.sample_aspect_ratio)
+                                if vstream.sample_aspect_ratio not in (None, 0, 1) else None),
         "video_start_sec": sec(vstream), "audio_start_sec": sec(astream),
         "video_end_sec": end(vstream), "audio_end_sec": end(astream),
         "container_end_sec": _container_end_sec(container),
@@ -526,6 +535,7 @@ class _Grid:
         self._held = None  # (time, source frame, its scaled rgb or None)
         self.done = False
         self.decoded = 0  # input frames seen
+        self.rotation = 0  # the first frame's display rotation (degrees), which is not applied
 
     def _scaled(self):
         time, frame, rgb = self._held
@@ -555,6 +565,7 @@ class _Grid:
             return
         if self._held is None:
             self.size = _target_size(frame.width, frame.height)
+            self.rotation = int(getattr(frame, "rotation", 0) or 0)
             self.t0 = max(time, Fraction(0)) if self.negative_start_is_lead_in else time
             self._held = (time, frame, None)
             return
@@ -900,6 +911,7 @@ def _conform_open(container, path, max_duration_sec, info) -> ConformedClip:
     if audio.size == 0:
         raise MediaError(path, "audio stream ends before the first video frame")
     info.update(t0_sec=float(grid.t0), audio_rate_decoded=arate, video_frames_decoded=grid.decoded,
+                rotation_deg_ignored=grid.rotation,
                 audio_start_pad_sec=float(max(Fraction(0), _audio_anchor(achunks, arate, max(1, round(_AUDIO_JUMP_SEC * arate))) - grid.t0)))
     data = _encode_mp4(grid.out, audio)
     n_frames = len(grid.out)

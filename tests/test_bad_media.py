@@ -10,6 +10,7 @@ reported in `ConformedClip.silent`.
 from __future__ import annotations
 
 import os
+from fractions import Fraction
 import struct
 import tracemalloc
 
@@ -202,6 +203,45 @@ def test_odd_source_size_gives_even_output(tmp_path):
 def test_portrait_video(tmp_path):
     src = make_clip(tmp_path / "tall.mp4", width=48, height=64, fps=30)
     assert conform(src).frames.shape == (50, 340, 256, 3)
+
+
+def test_rotation_and_aspect_ratio_are_recorded_not_applied(tmp_path):
+    # A phone video's display matrix and a non-square pixel shape: ignored like the official
+    # filter does, but written down in `source` instead of vanishing.
+    path = tmp_path / "phone.mp4"
+    with av.open(str(path), "w") as out:
+        vs = out.add_stream("libx264", rate=25)
+        vs.width, vs.height, vs.pix_fmt = 64, 48, "yuv420p"
+        vs.codec_context.sample_aspect_ratio = Fraction(2, 1)
+        if not hasattr(vs, "set_display_rotation"):
+            pytest.skip(f"PyAV {av.__version__} cannot write a display matrix")
+        vs.set_display_rotation(90)
+        aus = out.add_stream("aac", rate=16000, layout="mono")
+        packets = []
+        for i in range(50):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 100, np.uint8), format="rgb24")
+            frame.pts = i
+            packets += vs.encode(frame.reformat(format="yuv420p"))
+        packets += vs.encode(None)
+        for start in range(0, 32000, 1024):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, start
+            packets += aus.encode(frame)
+        packets += aus.encode(None)
+        out.mux(packets)
+    clip = conform(path)
+    assert clip.frames.shape == (50, 256, 340, 3)  # unrotated, stored size
+    assert clip.source["sample_aspect_ratio"] == "2"
+    assert abs(clip.source["rotation_deg_ignored"]) == 90
+
+
+def test_flv_whose_audio_cannot_be_sought(tmp_path):
+    # decode_media reads the streams one after the other (as torchvision does); FLV cannot
+    # seek back to its audio, which used to read as "no decodable samples".
+    src = make_clip(tmp_path / "clip.flv", fmt="flv", fps=25, acodec="libmp3lame", rate=44100)
+    with pytest.raises(MediaError, match="audio stream cannot be read: the container cannot seek back"):
+        decode_media(src)
+    _aligned(conform(src))
 
 
 def test_huge_resolution_is_resized_frame_by_frame(tmp_path):
