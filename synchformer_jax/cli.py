@@ -50,7 +50,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     src = pathlib.Path(args.source)
     modules = args.modules.split(",") if args.modules else None
     loaded = pretrained.load_model(src, overrides=_parse_overrides(args.set), modules=modules)
-    print(f"loaded {src}: kind={loaded.config.kind} head={loaded.config.sync.head} "
+    sync = loaded.config.sync
+    grid = (f" classes={sync.num_offset_classes} (+-{sync.max_offset_sec:g} s)"
+            if loaded.config.kind == "sync" and sync.head == "offset" else "")
+    print(f"loaded {src}: kind={loaded.config.kind} head={sync.head}{grid} "
           f"segments={loaded.config.n_segments} params={_count(loaded.params):,}")
     for note in loaded.notes:
         print(f"  note: {note}")

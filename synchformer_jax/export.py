@@ -24,7 +24,8 @@ def save_torch_state_dict(path: str | os.PathLike, params: Mapping[str, Any], co
     """Write `params` as an official-layout state dict (float32 safetensors); return it."""
     state_dict = flax_to_torch(params, passthrough)
     metadata = {CONFIG_METADATA_KEY: json.dumps(config.to_dict()), "format": "pt"}
-    save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, os.fspath(path), metadata=metadata)
+    # np.asarray(order="C") keeps 0-d tensors (logit_scale) 0-d; ascontiguousarray would not.
+    save_file({k: np.asarray(v, order="C") for k, v in state_dict.items()}, os.fspath(path), metadata=metadata)
     return state_dict
 
 

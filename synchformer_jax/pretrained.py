@@ -69,7 +69,7 @@ def save_model(directory: str | os.PathLike, params: Any, config: ModelConfig, *
     if passthrough:
         from safetensors.numpy import save_file
 
-        save_file({k: np.ascontiguousarray(v) for k, v in passthrough.items()}, str(directory / PASSTHROUGH_FILE))
+        save_file({k: np.asarray(v, order="C") for k, v in passthrough.items()}, str(directory / PASSTHROUGH_FILE))
     if provenance is not None:
         (directory / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1, default=str))
     return directory
@@ -93,7 +93,8 @@ def load_model(path: str | os.PathLike, *, overrides: Optional[Mapping[str, Any]
 
     `overrides` (dotted `ModelConfig` names) fix sizes a state dict does not store, such
     as head counts of unofficial widths; `modules` converts only some top-level modules
-    (e.g. `["vfeat_extractor"]` for MMAudio's visual-only file).
+    (e.g. `["vfeat_extractor"]`: the part of `synchformer_state_dict.pth`, a whole AudioSet
+    model, that MMAudio conditions on).
     """
     path = pathlib.Path(path)
     if path.is_dir():
@@ -104,11 +105,19 @@ def load_model(path: str | os.PathLike, *, overrides: Optional[Mapping[str, Any]
     config = config_from_metadata(extras.get("metadata"))
     overrides = dict(overrides or {})
     if config is None:
-        config = convert_torch.infer_config(state_dict, embedded=extras.get("args"), overrides=overrides)
+        config = convert_torch.infer_config(state_dict, embedded=extras.get("args"), overrides=overrides,
+                                            modules=modules)
     elif overrides:
-        config = config.replace(**overrides)
+        config = _with_overrides(path, config, overrides)
     converted = convert_torch.torch_to_flax(state_dict, config, modules=modules)
     return LoadedModel(converted.config, converted.params, converted.passthrough, converted.notes)
+
+
+def _with_overrides(path, config: ModelConfig, overrides: Mapping[str, Any]) -> ModelConfig:
+    try:
+        return config.replace(**overrides)
+    except (TypeError, ValueError) as e:  # a misspelt field: one line, not a dataclasses traceback
+        raise CheckpointError(f"{path}: bad override ({e})") from None
 
 
 def _load_folder(directory: pathlib.Path, overrides: Optional[Mapping[str, Any]]) -> LoadedModel:
@@ -119,7 +128,7 @@ def _load_folder(directory: pathlib.Path, overrides: Optional[Mapping[str, Any]]
         raise CheckpointError(f"{directory}: not a model folder (needs {CONFIG_FILE} and {PARAMS_DIR}/)")
     config = ModelConfig.from_dict(json.loads(config_path.read_text()))
     if overrides:
-        config = config.replace(**overrides)
+        config = _with_overrides(directory, config, overrides)
     try:
         with ocp.StandardCheckpointer() as ckptr:
             params = ckptr.restore((directory / PARAMS_DIR).absolute())  # orbax refuses relative paths

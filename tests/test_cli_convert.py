@@ -68,6 +68,36 @@ def test_convert_torch_pickle_checkpoint(tmp_path):
         np.testing.assert_array_equal(v, traverse_util.flatten_dict(params)[k])
 
 
+def test_convert_stage_one_checkpoint(tmp_path, capsys):
+    """A stage-I `epoch_best.pt` (DDP prefixes, 0-d `logit_scale`) converts, loads and runs."""
+    from tests.data.write_torch_file import write_torch_zip
+
+    config = tiny_config(kind="avclip")
+    params = sf.init_params(config, jax.random.key(1))
+    state_dict = {"module." + k: v for k, v in ct.flax_to_torch(params).items()}
+    assert state_dict["module.logit_scale"].shape == ()
+    path = tmp_path / "epoch_best.pt"
+    write_torch_zip(path, {"state_dict": state_dict, "epoch": 7})
+    rc = cli.main(["convert", str(path), "--out", str(tmp_path / "folder"), "--torch-out",
+                   str(tmp_path / "back.safetensors"), *TINY_HEADS])
+    assert rc == 0, capsys.readouterr().err
+    loaded = pretrained.load_model(tmp_path / "folder")
+    assert loaded.params["logit_scale"].shape == ()
+    assert load_file(str(tmp_path / "back.safetensors"))["logit_scale"].shape == ()
+    rng = np.random.default_rng(0)
+    video = rng.standard_normal((1, 2, 16, 3, 224, 224)).astype(np.float32)
+    audio = rng.standard_normal((1, 2, 1, 128, 66)).astype(np.float32)
+    out = sf.SegmentAVCLIP(loaded.config).apply({"params": loaded.params}, video, audio)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(out))
+
+
+def test_misspelt_override_is_a_one_line_error(reference_path, capsys):
+    src = rd.require(reference_path / "model.safetensors")
+    rc = cli.main(["convert", str(src), *TINY_HEADS, "--set", "sync.n_heads=4"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("error: ") and "n_heads" in err, err
+
+
 def test_bad_inputs_exit_nonzero_with_one_line_naming_the_file(tmp_path):
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")

@@ -104,12 +104,20 @@ def test_round_trip_is_exact(kind):
     sd = {k: (rng.standard_normal(v.shape).astype(np.float32) if k in unused else v) for k, v in sd.items()}
     back = ct.torch_to_flax(sd, ct.infer_config(sd, overrides={"video.num_heads": 4, "audio.num_heads": 4,
                                                                "sync.n_head": 4}))
-    jax.tree.map(np.testing.assert_array_equal, back.params, params)
+    # Shapes compared as well as values: assert_array_equal broadcasts, so the 0-d
+    # `logit_scale` read back as (1,) (which the model then refused) would pass it.
+    jax.tree.map(lambda x, y: (np.testing.assert_array_equal(x, y), _same_shape(x, y)), back.params, params)
     again = ct.flax_to_torch(back.params, back.passthrough)
     assert list(again) and set(again) == set(sd)
     for k in sd:
         np.testing.assert_array_equal(again[k], sd[k], err_msg=k)
-        assert again[k].dtype == np.float32
+        assert again[k].shape == sd[k].shape and again[k].dtype == np.float32, k
+    if kind == KIND_AVCLIP:
+        assert sd["logit_scale"].shape == back.params["logit_scale"].shape == ()
+
+
+def _same_shape(x, y):
+    assert np.shape(x) == np.shape(y), (np.shape(x), np.shape(y))
 
 
 def test_stage_one_keys_feed_the_sync_model():
@@ -154,6 +162,42 @@ def test_head_count_must_be_given_for_unofficial_widths():
         ct.infer_config(sd)
     config = ct.infer_config(sd, overrides={"video.num_heads": 4, "audio.num_heads": 4, "sync.n_head": 4})
     assert config == tiny_config()
+
+
+def test_unofficial_widths_are_not_guessed_and_all_missing_sizes_are_asked_at_once():
+    # 128-wide extractors of 8 heads and a 96-wide transformer of 6: widths that 64 and 96
+    # divide, which used to give 2, 2 and 1 heads without a word (and wrong logits).
+    config = tiny_config().replace(**{"video.embed_dim": 128, "video.num_heads": 8, "audio.hidden_size": 128,
+                                      "audio.num_heads": 8, "sync.n_embd": 96, "sync.n_head": 6,
+                                      "sync.num_offset_classes": 3, "sync.max_offset_sec": 1.0})
+    zeros = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), abstract_params(config))
+    shapes = {k: np.shape(v) for k, v in ct.flax_to_torch(zeros).items()}
+    with pytest.raises(ct.ConversionError) as err:
+        ct.infer_config(shapes)
+    msg = str(err.value)
+    for wanted in ("video.num_heads=N (width 128)", "audio.num_heads=N (width 128)", "sync.n_head=N (width 96)",
+                   "sync.max_offset_sec=S (3 offset classes"):
+        assert wanted in msg, msg
+    given = {"video.num_heads": 8, "audio.num_heads": 8, "sync.n_head": 6, "sync.max_offset_sec": 1.0}
+    assert ct.infer_config(shapes, overrides=given) == config
+    # The offset range may come from the checkpoint's training config instead.
+    args = {"data": {"max_off_sec": 1.0}}
+    assert ct.infer_config(shapes, embedded=args, overrides={k: v for k, v in given.items()
+                                                             if k != "sync.max_offset_sec"}) == config
+    # Only what the converted modules need is asked for (MMAudio's visual-only use).
+    visual = ct.infer_config(shapes, overrides={"video.num_heads": 8}, modules=["vfeat_extractor"])
+    assert visual.video.num_heads == 8
+
+
+def test_bad_head_counts_and_misspelt_overrides_are_one_line_errors():
+    sd = ct.flax_to_torch(init_params(tiny_config(), jax.random.key(7)))
+    heads = {"video.num_heads": 4, "audio.num_heads": 4, "sync.n_head": 4}
+    with pytest.raises(ct.ConversionError, match="audio.num_heads=5 does not divide the width 96"):
+        ct.torch_to_flax(sd, ct.infer_config(sd, overrides={**heads, "audio.num_heads": 5}))
+    with pytest.raises(ct.ConversionError, match=r"unknown model config field sync\.'n_heads'; sync has: .*n_head"):
+        ct.infer_config(sd, overrides={**heads, "sync.n_heads": 4})
+    with pytest.raises(ct.ConversionError, match="unknown model config group 'vision'"):
+        ct.infer_config(sd, overrides={**heads, "vision.depth": 4})
 
 
 def test_embedded_official_config_gives_sync_heads():

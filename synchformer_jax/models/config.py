@@ -156,8 +156,20 @@ class ModelConfig:
                 nested.setdefault(group, {})[field] = value
             else:
                 flat[key] = value
+        top = {f.name for f in dataclasses.fields(self)}
+        for key in flat:
+            if key not in top:
+                raise ValueError(f"unknown model config field {key!r}")
         for group, fields in nested.items():
-            flat[group] = dataclasses.replace(flat.get(group, getattr(self, group)), **fields)
+            current = getattr(self, group, None)
+            if not dataclasses.is_dataclass(current):
+                raise ValueError(f"unknown model config group {group!r} (groups: audio, video, sync)")
+            known = {f.name for f in dataclasses.fields(current)}
+            for field in fields:
+                if field not in known:
+                    raise ValueError(f"unknown model config field {group}.{field!r}; {group} has: "
+                                     + ", ".join(sorted(known)))
+            flat[group] = dataclasses.replace(flat.get(group, current), **fields)
         return dataclasses.replace(self, **flat)
 
     def to_dict(self) -> dict[str, Any]:

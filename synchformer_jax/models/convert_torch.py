@@ -148,17 +148,20 @@ def _count(sd: Mapping[str, Any], pattern: str) -> int:
     return len({m.group(1) for k in sd if (m := rx.match(k))})
 
 
-def _heads(dim: int, official_dim: int, official_heads: int, head_dim: int, what: str, override: Optional[int]) -> int:
-    """Head counts are not stored in state dicts: official widths get official counts."""
+def _heads(dim: int, official_dim: int, official_heads: int, override: Optional[int]) -> Optional[int]:
+    """Head counts are not stored in state dicts: official widths get the official count;
+    any other width needs it given (None: unknown). Guessing from a head width would
+    build a wrong model without a word (a 128-wide AST of 8 heads is not 2 of 64)."""
     if override:
-        return override
+        return int(override)
     if dim == official_dim:
         return official_heads
-    if dim % head_dim == 0:
-        return dim // head_dim
-    raise ConversionError(
-        f"cannot infer the number of {what} attention heads from width {dim} (head count is not stored in "
-        f"state dicts); give it as an override: {what}.{'n_head' if what == 'sync' else 'num_heads'}=N")
+    return None
+
+
+# Top-level modules of each group (sync model / stage-I model), for `modules` filters.
+_GROUP_MODULES = {"video": ("vfeat_extractor", "v_encoder"), "audio": ("afeat_extractor", "a_encoder"),
+                  "sync": ("transformer",)}
 
 
 class _Shape:
@@ -169,15 +172,32 @@ class _Shape:
 
 
 def infer_config(state_dict: Mapping[str, Any], embedded: Optional[Mapping[str, Any]] = None,
-                 overrides: Optional[Mapping[str, Any]] = None) -> ModelConfig:
+                 overrides: Optional[Mapping[str, Any]] = None,
+                 modules: Optional[Iterable[str]] = None) -> ModelConfig:
     """Model sizes from the embedded official config where present, else tensor shapes.
 
     `state_dict` maps keys to arrays or to shape tuples.
 
     `overrides` uses dotted `ModelConfig` names (`"video.num_heads"`, `"sync.n_head"`,
-    `"n_segments"`, ...) and wins over both.
+    `"n_segments"`, ...) and wins over both. What neither the file nor `overrides` gives
+    (head counts of unofficial widths; the offset range of a class count other than 21
+    in a file without its training config) is asked for in one error listing all of it;
+    for modules left out by `modules` it is not needed (1 head is recorded).
     """
     overrides = dict(overrides or {})
+    wanted = set(modules) if modules is not None else None
+    missing: list[str] = []
+
+    def heads(group: str, dim: int, official_dim: int, official_heads: int, field: str,
+              given: Optional[int] = None) -> int:
+        n = given or _heads(dim, official_dim, official_heads, overrides.pop(f"{group}.{field}", None))
+        if n is not None:
+            return n
+        if wanted is not None and not wanted & set(_GROUP_MODULES[group]):
+            return 1  # a module that is not converted: its params, and so its heads, never exist
+        missing.append(f"--set {group}.{field}=N (width {dim})")
+        return 1
+
     sd = {k[len("module."):] if k.startswith("module.") else k: _Shape(v) for k, v in state_dict.items()}
     kind = overrides.pop("kind", None) or (KIND_AVCLIP if ("logit_scale" in sd or any(
         k.startswith(("v_encoder.", "a_encoder.")) for k in sd)) else KIND_SYNC)
@@ -194,7 +214,7 @@ def infer_config(state_dict: Mapping[str, Any], embedded: Optional[Mapping[str, 
         video = MotionformerConfig(
             embed_dim=dim,
             depth=_count(sd, re.escape(v_prefix) + r"blocks\.(\d+)\."),
-            num_heads=_heads(dim, 768, 12, 64, "video", overrides.pop("video.num_heads", None)),
+            num_heads=heads("video", dim, 768, 12, "num_heads"),
             mlp_ratio=sd[v_prefix + "blocks.0.mlp.fc1.weight"].shape[0] // dim,
             patch_size=pe[3], patch_size_temp=pe[2], img_size=grid * pe[3],
             num_frames=sd[v_prefix + "temp_embed"].shape[1] * pe[2])
@@ -204,7 +224,7 @@ def infer_config(state_dict: Mapping[str, Any], embedded: Optional[Mapping[str, 
         audio = ASTConfig(
             hidden_size=dim,
             num_layers=_count(sd, re.escape(a_prefix) + r"ast\.encoder\.layer\.(\d+)\."),
-            num_heads=_heads(dim, 768, 12, 64, "audio", overrides.pop("audio.num_heads", None)),
+            num_heads=heads("audio", dim, 768, 12, "num_heads"),
             mlp_dim=sd[a_prefix + "ast.encoder.layer.0.intermediate.dense.weight"].shape[0],
             patch_size=sd[a_prefix + "ast.embeddings.patch_embeddings.projection.weight"].shape[-1])
         n_pos = sd[a_prefix + "ast.embeddings.position_embeddings"].shape[1]
@@ -217,19 +237,37 @@ def infer_config(state_dict: Mapping[str, Any], embedded: Optional[Mapping[str, 
     if "transformer.OFF_tok" in sd:
         dim = sd["transformer.OFF_tok"].shape[-1]
         head = HEAD_SYNCHRONIZABILITY if "transformer.sync_head.weight" in sd else HEAD_OFFSET
-        n_head = tparams.get("n_head") or _heads(dim, 768, 8, 96, "sync", overrides.pop("sync.n_head", None))
+        given = overrides.pop("sync.n_head", None) or tparams.get("n_head")
+        n_head = heads("sync", dim, 768, 8, "n_head", given)
         pos_len = sd["transformer.pos_emb_cfg.pos_emb"].shape[1]
         per_seg = video.temporal_patches + audio.time_patches
         if (pos_len - 2) % per_seg:
             raise ConversionError(f"position table of {pos_len} rows does not fit {per_seg} tokens per segment")
         n_segments = (pos_len - 2) // per_seg
+        num_classes = sd["transformer.off_head.weight"].shape[0] if head == HEAD_OFFSET else 21
+        max_offset = overrides.pop("sync.max_offset_sec", None) or tparams.get("max_off_sec")
+        if max_offset is None:
+            # The class grid is not stored. 21 classes are the official +-2 s; other counts
+            # have been trained with other ranges (SparseSync's 3 classes: +-1 s).
+            if num_classes != 21 and (wanted is None or "transformer" in wanted):
+                missing.append(f"--set sync.max_offset_sec=S ({num_classes} offset classes; the file does not "
+                               "say their range)")
+            max_offset = 2.0
         sync = SyncTransformerConfig(
             n_embd=dim, n_layer=_count(sd, r"transformer\.blocks\.(\d+)\."), n_head=int(n_head),
             mlp_ratio=sd["transformer.blocks.0.mlp.0.weight"].shape[0] // dim, head=head,
-            num_offset_classes=(sd["transformer.off_head.weight"].shape[0] if head == HEAD_OFFSET else 21),
-            max_offset_sec=float(tparams.get("max_off_sec", 2.0)))
+            num_offset_classes=num_classes, max_offset_sec=float(max_offset))
+    if missing:
+        raise ConversionError("the file does not store what this model needs (head counts of widths other than "
+                              "the official 768; the offset range of a head other than 21 classes); give: "
+                              + "; ".join(missing))
     config = ModelConfig(kind=kind, audio=audio, video=video, sync=sync, n_segments=n_segments)
-    return config.replace(**overrides) if overrides else config
+    if overrides:
+        try:
+            config = config.replace(**overrides)
+        except (TypeError, ValueError) as e:
+            raise ConversionError(f"bad override: {e}") from None
+    return config
 
 
 def _embedded_transformer_params(embedded: Optional[Mapping[str, Any]]) -> dict[str, Any]:
@@ -269,17 +307,27 @@ class Plan:
     notes: list[str]
 
 
+def _check_head_counts(config: ModelConfig) -> None:
+    for field, width, heads in (("video.num_heads", config.video.embed_dim, config.video.num_heads),
+                                ("audio.num_heads", config.audio.hidden_size, config.audio.num_heads),
+                                ("sync.n_head", config.sync.n_embd, config.sync.n_head)):
+        if heads < 1 or width % heads:
+            raise ConversionError(f"{field}={heads} does not divide the width {width}")
+
+
 def plan_conversion(shapes: Mapping[str, tuple[int, ...]], config: ModelConfig, *,
                     modules: Optional[Iterable[str]] = None) -> Plan:
     """Match official keys and shapes to the parameters `config` builds, or explain why not.
 
-    `modules` limits the match to some top-level modules (e.g. `["vfeat_extractor"]` for
-    MMAudio's visual-only file); otherwise every module of the model must be present.
+    `modules` limits the match to some top-level modules (e.g. `["vfeat_extractor"]`, all that
+    MMAudio uses of `synchformer_state_dict.pth`, a whole model, or a visual-only state
+    dict); otherwise every module of the model must be present.
     A longer position table is truncated to the model's length (stage II -> III
     initialisation, as the official `load_state_dict` does).
     """
     from synchformer_jax.models.synchformer import abstract_params  # avoid an import cycle
 
+    _check_head_counts(config)
     notes: list[str] = []
     originals = {}
     for key in shapes:
@@ -345,7 +393,8 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], config: ModelConfig, *,
         array = torch_to_flax_array(key, np.asarray(state_dict[plan.renamed[key]]))
         if key in plan.truncate:
             array = array[:, : plan.truncate[key]]
-        flat[path] = np.ascontiguousarray(array, dtype=np.float32)
+        # np.array, not np.ascontiguousarray: that one turns the 0-d `logit_scale` into (1,).
+        flat[path] = np.array(array, dtype=np.float32, order="C")
     passthrough = {key: np.asarray(state_dict[plan.renamed[key]]) for key in plan.passthrough}
     return Converted(traverse_util.unflatten_dict(flat), config, passthrough, plan.notes)
 

@@ -51,7 +51,7 @@ def _fake_torch():
 
 class _Tensor:
     def __init__(self, array: np.ndarray, key: str):
-        self.array, self.key = np.ascontiguousarray(array), key
+        self.array, self.key = np.asarray(array, order="C"), key  # keeps 0-d tensors 0-d
 
 
 def write_torch_zip(path, obj) -> None:
