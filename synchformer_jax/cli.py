@@ -2,7 +2,8 @@
 
 Subcommands: `convert` (official checkpoints <-> model folders), `info`, `prepare`,
 `train` and `eval` (ml_collections configs with `--config.x.y=value` overrides), `demo`,
-`predict` (synchformer_jax/predict.py), `attribute` (attribution.py), `export` (serving.py).
+`predict` (synchformer_jax/predict.py), `desync` (desync_eval.py), `attribute` (attribution.py),
+`export` (serving.py).
 Errors on user input are one line naming the file, with a non-zero exit code.
 """
 from __future__ import annotations
@@ -410,6 +411,95 @@ def _add_demo_parser(sub) -> None:
     p.set_defaults(fn=cmd_demo)
 
 
+def cmd_desync(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from synchformer_jax import desync_eval, inference, pretrained
+    from synchformer_jax.models.config import HEAD_OFFSET, KIND_SYNC
+
+    def usage(message: str) -> int:
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+    try:
+        windows = desync_eval.window_segments(args.audio_length)
+    except ValueError as e:
+        return usage(f"--audio-length {args.audio_length}: {e}")
+    for folder, flag in ((args.video_dir, "--video-dir"), (args.audio_dir, "--audio-dir")):
+        if not pathlib.Path(folder).is_dir():
+            return usage(f"{folder}: no such folder ({flag})")
+    # A checkpoint problem is exit 2 before any file is read (main() prints it), as in predict.
+    loaded = pretrained.load_model(args.checkpoint, overrides=_parse_overrides(args.set))
+    config = loaded.config
+    if config.kind != KIND_SYNC or config.sync.head != HEAD_OFFSET:
+        raise pretrained.CheckpointError(f"{args.checkpoint}: DeSync needs an offset (stage II) model, this one is "
+                                         f"kind {config.kind!r} with the {config.sync.head!r} head")
+    grid = inference.offset_grid(config)
+
+    def on_clip(clip) -> None:
+        tqdm.write(f"{clip.name}  {clip.offsets_sec[0]:+.1f} s  {clip.offsets_sec[1]:+.1f} s  "
+                   f"DeSync {clip.desync_sec:.2f} s  ({pathlib.Path(clip.audio).name})", file=sys.stdout)
+
+    def on_excluded(item) -> None:
+        tag = "error" if item.kind == "error" else "note"
+        tqdm.write(f"{tag}: {_one_line(item.line())}", file=sys.stderr)
+
+    report = desync_eval.evaluate_desync(
+        config, loaded.params, args.video_dir, args.audio_dir, clip_sec=args.audio_length, names=args.names,
+        chunk_size=args.chunk_size, on_clip=on_clip, on_excluded=on_excluded, progress=not args.no_progress)
+    errors = len(report.errors)
+    window_text = " and ".join(f"{a}-{b}" for a, b in windows)
+    if report.desync_sec is None:
+        print("error: no pair of files could be scored", file=sys.stderr)
+    else:
+        print(f"DeSync {report.desync_sec:.4f} s: mean over {len(report.clips)} clip(s) of "
+              f"{args.audio_length:g} s (segment windows {window_text}); "
+              f"{len(report.excluded)} file(s) left out, {errors} of them unreadable or too short")
+    if args.json_out:
+        lengths = inference.desync_lengths(args.audio_length)
+        doc = {"schema": desync_eval.SCHEMA,
+               "model": {"path": str(args.checkpoint), "head": config.sync.head, "n_segments": config.n_segments,
+                         "dtype": "float32", "matmul_precision": desync_eval.MATMUL_PRECISION,
+                         "class_grid_sec": [round(float(g), 6) for g in grid]},
+               "settings": {"video_dir": str(args.video_dir), "audio_dir": str(args.audio_dir),
+                            "audio_length_sec": args.audio_length, "frames": lengths.frames,
+                            "samples": lengths.samples, "segments": lengths.segments, "windows": windows,
+                            "names": args.names},
+               **report.to_dict()}
+        out = pathlib.Path(args.json_out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"wrote {out}")
+    return 1 if errors or report.desync_sec is None else 0
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _add_desync_parser(sub) -> None:
+    from synchformer_jax.desync_eval import NAME_RULES
+
+    p = sub.add_parser("desync", help="av-benchmark's DeSync of generated audio files against their videos "
+                                      "(pairs by file name; one number, per-clip results)")
+    p.add_argument("--video-dir", required=True, help="folder of .mp4 videos (any frame rate; silent is fine)")
+    p.add_argument("--audio-dir", required=True, help="folder of .wav / .flac audio, named like the videos")
+    p.add_argument("--audio-length", type=float, default=8.0,
+                   help="seconds used of every clip, av-benchmark's --audio_length (default 8; at least 4.8)")
+    p.add_argument("--checkpoint", required=True,
+                   help="offset model: model folder, official .pt, or MMAudio/av-benchmark's "
+                        "synchformer_state_dict.pth (the whole AudioSet model)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="model config override, e.g. video.num_heads=4 (repeatable)")
+    p.add_argument("--names", choices=NAME_RULES, default="stem",
+                   help="stem: audio a.wav scores video a.mp4; av-benchmark: audio stems first renamed by "
+                        "av-benchmark's VGGSound rule (zxpo56cpUBU_000007-0 -> zxpo56cpUBU_000007)")
+    p.add_argument("--chunk-size", type=_positive_int, help="segments per extractor call (bounds memory)")
+    p.add_argument("--json-out", metavar="FILE", help="write every clip, every left-out file and the mean here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(fn=cmd_desync)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="synchformer-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -420,8 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write a model folder here (orbax params + model_config.json)")
     p.add_argument("--torch-out", help="write an official-layout state dict (.safetensors) here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder at --out")
-    p.add_argument("--modules", help="convert only these top-level modules, comma separated "
-                                     "(e.g. vfeat_extractor for MMAudio's visual-only file)")
+    p.add_argument("--modules", help="convert only these top-level modules, comma separated (e.g. "
+                                     "vfeat_extractor: the part of synchformer_state_dict.pth, a whole "
+                                     "AudioSet model, that MMAudio conditions on)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="model config override, e.g. video.num_heads=4 (repeatable)")
     p.set_defaults(fn=cmd_convert)
@@ -434,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare_parser(sub)
     _add_train_eval_parsers(sub)
     _add_demo_parser(sub)
+    _add_desync_parser(sub)
     # Each command module builds its own parser (imports stay light until a command runs).
     from synchformer_jax import attribution, predict, serving
 

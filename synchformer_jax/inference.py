@@ -23,6 +23,7 @@ Conventions (official, `docs/official_spec.md` §4, §8):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -41,9 +42,10 @@ __all__ = [
     "SEGMENT_STEP_SAMPLES", "offset_grid", "WindowInputs", "window_inputs", "window_sample_count",
     "frame_exact_sec", "segments_from_frames", "video_to_model_input", "OffsetPrediction",
     "predict_offsets", "synchronizability_logits", "synchronizability_probability",
-    "DESYNC_FRAMES", "DESYNC_SAMPLES", "DESYNC_SEGMENTS", "desync_resize_crop", "desync_window_starts",
-    "desync_video_features", "desync_audio_input", "DesyncResult", "desync_from_features",
-    "desync", "DesyncScorer", "center_crop", "video_feature_bank", "search_logits",
+    "DESYNC_CLIP_SEC", "DESYNC_FRAMES", "DESYNC_SAMPLES", "DESYNC_SEGMENTS", "DesyncLengths",
+    "desync_lengths", "desync_resize_crop", "desync_window_starts", "desync_video_features",
+    "desync_audio_input", "DesyncResult", "desync_from_features", "desync", "DesyncScorer",
+    "mmaudio_sync_features", "center_crop", "video_feature_bank", "search_logits",
     "placement_scores", "combine_chunk_scores", "Placement", "place_audio",
 ]
 
@@ -288,12 +290,42 @@ def synchronizability_probability(model, params: Params, video, audio) -> jax.Ar
 
 
 # ---------------------------------------------------------------------------------------
-# DeSync (av-benchmark, `docs/users.md` §2.2)
+# DeSync (av-benchmark, `docs/users.md` §2.2; from files: `desync_eval`)
 # ---------------------------------------------------------------------------------------
 
+DESYNC_CLIP_SEC = 8.0  # av-benchmark's `--audio_length` of the published numbers
 DESYNC_FRAMES = 200  # 8 s at 25 fps
 DESYNC_SAMPLES = 128000  # 8 s at 16 kHz
 DESYNC_SEGMENTS = 24  # (200 - 16) / 8 + 1 == (128000 - 10240) / 5120 + 1
+
+
+class DesyncLengths(NamedTuple):
+    """What av-benchmark uses of a clip for `--audio_length clip_sec`: the first `frames`
+    (at 25 fps) and `samples` (at 16 kHz), cut into `segments` from frame / sample 0."""
+
+    clip_sec: float
+    frames: int
+    samples: int
+    segments: int
+
+
+def desync_lengths(clip_sec: float = DESYNC_CLIP_SEC, window: int = 14) -> DesyncLengths:
+    """av-benchmark's lengths for clips of `clip_sec` seconds: `int(25 L)` frames,
+    `int(16000 L)` samples, `S = (frames - 16) // 8 + 1` segments (the audio gives the same
+    S: `(samples - 10240) // 5120 + 1`). 8 s: 200 / 128000 / 24; 10 s: 250 / 160000 / 30.
+    Clips must hold one window of `window` segments (4.8 s for 14)."""
+    # `float * L` then int(), the order av-benchmark uses, so L = 8.3 rounds as there.
+    frames, samples = int(float(VIDEO_FPS) * clip_sec), int(float(AUDIO_RATE) * clip_sec)
+    if frames < SEGMENT_FRAMES or samples < SEGMENT_SAMPLES:
+        raise ValueError(f"a {clip_sec} s clip is shorter than one segment (0.64 s)")
+    segments = (frames - SEGMENT_FRAMES) // SEGMENT_STEP_FRAMES + 1
+    if (samples - SEGMENT_SAMPLES) // SEGMENT_STEP_SAMPLES + 1 != segments:  # cannot happen: 640 samples a frame
+        raise AssertionError(f"video and audio segment counts differ for {clip_sec} s")
+    if segments < window:
+        min_sec = window_sample_count(window)[0] / VIDEO_FPS
+        raise ValueError(f"a {clip_sec} s clip has {segments} segments, fewer than one window of {window} "
+                         f"(DeSync needs clips of at least {min_sec} s)")
+    return DesyncLengths(float(clip_sec), frames, samples, segments)
 
 
 def desync_resize_crop(frames, size: int = 224):
@@ -328,36 +360,62 @@ def desync_resize_crop(frames, size: int = 224):
 
 
 def desync_window_starts(n_segments_total: int = DESYNC_SEGMENTS, window: int = 14) -> tuple[int, int]:
-    """First segment of the two DeSync windows: `[:14]` and `[-14:]` (0 and 10 for 8 s)."""
+    """First segment of the two DeSync windows: `[:14]` and `[-14:]` (0 and 10 for 8 s,
+    0 and 16 for 10 s)."""
     if n_segments_total < window:
         raise ValueError(f"{n_segments_total} segments are fewer than one window of {window}")
     return 0, n_segments_total - window
 
 
-def desync_video_features(model, params: Params, frames, *, chunk_size: Optional[int] = None) -> jax.Array:
+def desync_video_features(model, params: Params, frames, *, chunk_size: Optional[int] = None,
+                          clip_sec: float = DESYNC_CLIP_SEC) -> jax.Array:
     """Video features of the DeSync protocol, computed once per video.
 
     Args:
-      frames: uint8 `[B, T, 224, 224, 3]` at 25 fps (`desync_resize_crop` output), T >= 200;
-        the first 200 frames are used.
+      frames: uint8 `[B, T, 224, 224, 3]` at 25 fps (`desync_resize_crop` output),
+        T >= `int(25 * clip_sec)` (200 for 8 s); only those first frames are used.
     Returns:
-      `[B, 24, 8, D]`: 24 segments of 16 frames at a step of 8 from frame 0, float32
-      normalisation `(x / 255 - 0.5) / 0.5` (av-benchmark), not the float16 one.
+      `[B, S, 8, D]`, S = `desync_lengths(clip_sec).segments` (24 for 8 s): segments of
+      16 frames at a step of 8 from frame 0, float32 normalisation `(x / 255 - 0.5) / 0.5`
+      (av-benchmark), not the float16 one.
     """
+    lengths = desync_lengths(clip_sec, model.config.n_segments)
     frames = jnp.asarray(frames)
-    if frames.ndim != 5 or frames.shape[1] < DESYNC_FRAMES:
-        raise ValueError(f"frames must be [B, T>={DESYNC_FRAMES}, H, W, 3]; got {frames.shape}")
-    seg = segments_from_frames(frames[:, :DESYNC_FRAMES], DESYNC_SEGMENTS)
+    if frames.ndim != 5 or frames.shape[1] < lengths.frames:
+        raise ValueError(f"frames must be [B, T>={lengths.frames}, H, W, 3] for {clip_sec} s; got {frames.shape}")
+    seg = segments_from_frames(frames[:, :lengths.frames], lengths.segments)
     return sf.extract_video_features(model, params, video_to_model_input(seg, half=False), chunk_size=chunk_size)
 
 
-def desync_audio_input(waveforms) -> jax.Array:
-    """Mono 16 kHz `[..., N >= 128000]` -> `[..., 24, 1, 128, 66]` (first 8 s, segments of
-    10240 at a step of 5120 from sample 0, official log-mel in float32; jit-able)."""
+def mmaudio_sync_features(model, params: Params, frames, *, chunk_size: Optional[int] = None) -> jax.Array:
+    """MMAudio's Synchformer visual conditioning: uint8 `[B, T, 224, 224, 3]` at 25 fps ->
+    `[B, S * 8, D]` float32, S = (T - 16) // 8 + 1 (8 s: 200 frames -> `[B, 192, 768]`).
+
+    The segments of `desync_video_features` (16 frames, step 8, from frame 0, float32
+    normalisation, Motionformer after spatial aggregation, no temporal aggregation) laid
+    out one token per (segment, time step), segment-major: MMAudio's reshape of
+    `[B, S, 8, D]`. Only `vfeat_extractor` params are read (a
+    `--modules vfeat_extractor` conversion is enough). MMAudio's demo runs this in
+    bfloat16; here it is whatever `model.config.dtype` says. jit-able.
+    """
+    frames = jnp.asarray(frames)
+    if frames.ndim != 5 or frames.shape[1] < SEGMENT_FRAMES:
+        raise ValueError(f"frames must be [B, T>={SEGMENT_FRAMES}, H, W, 3]; got {frames.shape}")
+    n_segments = (frames.shape[1] - SEGMENT_FRAMES) // SEGMENT_STEP_FRAMES + 1
+    seg = segments_from_frames(frames, n_segments)
+    feats = sf.extract_video_features(model, params, video_to_model_input(seg, half=False), chunk_size=chunk_size)
+    return feats.reshape(feats.shape[0], -1, feats.shape[-1])
+
+
+def desync_audio_input(waveforms, clip_sec: float = DESYNC_CLIP_SEC) -> jax.Array:
+    """Mono 16 kHz `[..., N]` -> `[..., S, 1, 128, 66]`: the first `int(16000 * clip_sec)`
+    samples (N must reach them; 128000 for 8 s) in S segments of 10240 at a step of 5120
+    from sample 0 (S = 24 for 8 s), official log-mel in float32; jit-able."""
+    lengths = desync_lengths(clip_sec)
     x = jnp.asarray(waveforms, jnp.float32)
-    if x.shape[-1] < DESYNC_SAMPLES:
-        raise ValueError(f"DeSync needs {DESYNC_SAMPLES} samples (8 s at 16 kHz), got {x.shape[-1]}")
-    idx = np.arange(DESYNC_SEGMENTS)[:, None] * SEGMENT_STEP_SAMPLES + np.arange(SEGMENT_SAMPLES)[None]
+    if x.shape[-1] < lengths.samples:
+        raise ValueError(f"DeSync needs {lengths.samples} samples ({clip_sec:g} s at 16 kHz), got {x.shape[-1]}")
+    idx = np.arange(lengths.segments)[:, None] * SEGMENT_STEP_SAMPLES + np.arange(SEGMENT_SAMPLES)[None]
     return melspec.log_mel_jax(x[..., jnp.asarray(idx)])
 
 
@@ -399,21 +457,24 @@ def desync_from_features(model, params: Params, vfeat, afeat, *,
     return DesyncResult(logits, offsets, jnp.mean(jnp.abs(offsets), axis=-1))
 
 
-def desync(model, params: Params, vfeat, audio, *, chunk_size: Optional[int] = None) -> DesyncResult:
+def desync(model, params: Params, vfeat, audio, *, chunk_size: Optional[int] = None,
+           clip_sec: float = DESYNC_CLIP_SEC) -> DesyncResult:
     """av-benchmark's DeSync of M audio tracks per video against cached video features.
 
     Args:
-      vfeat: `[B, 24, 8, D]` from `desync_video_features` (computed once per video).
-      audio: mono 16 kHz waveforms `[B, M, N >= 128000]` (or `[B, N]` for one track), or
-        their `desync_audio_input` spectrograms `[B, M, 24, 1, 128, 66]`.
+      vfeat: `[B, S, 8, D]` from `desync_video_features` (computed once per video; S = 24
+        for 8 s).
+      audio: mono 16 kHz waveforms `[B, M, N >= int(16000 * clip_sec)]` (or `[B, N]` for
+        one track), or their `desync_audio_input` spectrograms `[B, M, S, 1, 128, 66]`.
       chunk_size: audio segments per extractor call (bounds activation memory).
+      clip_sec: av-benchmark's `--audio_length` (the video features must be of the same).
 
     Only the audio extractor and `compare` run per track. jit-able (model static).
     """
     audio = jnp.asarray(audio)
     if audio.ndim in (2, 5):  # one track per video
         audio = audio[:, None]
-    spec = desync_audio_input(audio) if audio.ndim == 3 else audio
+    spec = desync_audio_input(audio, clip_sec) if audio.ndim == 3 else audio
     b, m = spec.shape[:2]
     afeat = sf.extract_audio_features(model, params, spec.reshape(b * m, *spec.shape[2:]), chunk_size=chunk_size)
     return desync_from_features(model, params, vfeat, afeat.reshape(b, m, *afeat.shape[1:]))
@@ -426,19 +487,36 @@ class DesyncScorer:
         scorer = DesyncScorer(model, params)
         vfeat = scorer.video_features(desync_resize_crop(frames_u8[None]))   # [1, 24, 8, D]
         result = scorer.score(vfeat, tracks)   # tracks [1, M, 128000] -> result.desync_sec [1, M]
+
+    `clip_sec`: av-benchmark's `--audio_length` (default 8 s). `matmul_precision` (e.g.
+    "highest") runs both under `jax.default_matmul_precision`: on GPUs JAX's default
+    multiplies float32 matrices in TF32, av-benchmark's PyTorch in full float32; None
+    keeps JAX's default (the same on CPUs).
     """
 
-    def __init__(self, model, params: Params, *, chunk_size: Optional[int] = None):
+    def __init__(self, model, params: Params, *, chunk_size: Optional[int] = None,
+                 clip_sec: float = DESYNC_CLIP_SEC, matmul_precision: Optional[str] = None):
         _require_sync(model.config)
         self.model, self.params = model, params
-        self._video = jax.jit(functools.partial(desync_video_features, model, chunk_size=chunk_size))
-        self._score = jax.jit(functools.partial(desync, model, chunk_size=chunk_size))
+        self.lengths = desync_lengths(clip_sec, model.config.n_segments)
+        self.matmul_precision = matmul_precision
+        self._video = jax.jit(functools.partial(desync_video_features, model, chunk_size=chunk_size,
+                                                clip_sec=clip_sec))
+        self._score = jax.jit(functools.partial(desync, model, chunk_size=chunk_size, clip_sec=clip_sec))
+
+    def _precision(self):
+        # The precision is part of what jit traces under, so the context must be around the call.
+        if self.matmul_precision is None:
+            return contextlib.nullcontext()
+        return jax.default_matmul_precision(self.matmul_precision)
 
     def video_features(self, frames) -> jax.Array:
-        return self._video(self.params, frames)
+        with self._precision():
+            return self._video(self.params, frames)
 
     def score(self, vfeat, audio) -> DesyncResult:
-        return self._score(self.params, vfeat, audio)
+        with self._precision():
+            return self._score(self.params, vfeat, audio)
 
 
 # ---------------------------------------------------------------------------------------
