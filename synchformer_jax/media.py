@@ -109,6 +109,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import heapq
 import io
 import os
@@ -863,12 +864,33 @@ def _resample(audio: np.ndarray, rate: int, target: int = TARGET_SAMPLE_RATE) ->
     return y[:int(round(audio.shape[0] * target / rate))]
 
 
+def _cpu_has_avx512() -> bool:
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:  # not numpy 2's layout: assume the worst case is not present
+        return False
+    return bool(__cpu_features__.get("AVX512F"))
+
+
+@functools.lru_cache(maxsize=1)
+def _x264_options() -> dict[str, str]:
+    options = dict(_X264_OPTIONS)
+    if _cpu_has_avx512():
+        # libx264's AVX-512 code paths made repeated encodes of the same frames differ
+        # within one process (2 outputs for some clips, e.g. 340x256 fades: mbtree and
+        # trellis paths; PyAV 18.1's libx264 on an AMD EPYC). Capped at AVX2 (which every
+        # AVX-512 CPU has, with FMA3 / BMI / LZCNT), the output is one, and the same as on
+        # CPUs without AVX-512.
+        options["x264-params"] = "asm=AVX2,FMA3,BMI1,BMI2,LZCNT"
+    return options
+
+
 def _encode_mp4(frames: list[np.ndarray], audio: np.ndarray) -> bytes:
     """H.264 (libx264, yuv420p) + AAC (mono 16 kHz) mp4, in memory."""
     height, width = frames[0].shape[:2]
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4") as out:
-        vs = out.add_stream("libx264", rate=TARGET_FPS, options=dict(_X264_OPTIONS))
+        vs = out.add_stream("libx264", rate=TARGET_FPS, options=_x264_options())
         vs.width, vs.height, vs.pix_fmt = width, height, "yuv420p"
         vs.codec_context.thread_count = 1
         aus = out.add_stream("aac", rate=TARGET_SAMPLE_RATE, layout="mono")
