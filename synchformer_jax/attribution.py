@@ -265,7 +265,26 @@ class ClipAttribution:
 
     @property
     def true_offset_sec(self) -> float:
+        """The shift the audio crop really has (the applied `offset_sec`)."""
+        return float(self.offset_sec)
+
+    @property
+    def true_class_offset_sec(self) -> float:
+        """The offset of the class masks are scored against: the applied shift's nearest
+        class, a different value when the shift lies between two classes."""
         return float(self.grid[self.true_class])
+
+    @property
+    def offset_on_grid(self) -> bool:
+        return abs(round(self.true_class_offset_sec, 2) - self.offset_sec) < 1e-9
+
+    def describe_truth(self) -> str:
+        """`true offset +0.40 s (class 12)`, or for a shift between classes what it was
+        scored against."""
+        if self.offset_on_grid:
+            return f"true offset {self.true_offset_sec:+.2f} s (class {self.true_class})"
+        return (f"true offset {self.true_offset_sec:+.2f} s (between classes: scored against the nearest, "
+                f"class {self.true_class} = {self.true_class_offset_sec:+.2f} s)")
 
     def to_json(self) -> dict[str, Any]:
         def stream(s: StreamAttribution, start: float, seen: np.ndarray) -> dict[str, Any]:
@@ -275,6 +294,7 @@ class ClipAttribution:
                     "standard_error_at_0.5": round(s.standard_error(), 6)}
         return {"interval_sec": self.interval_sec, "offset_sec": self.offset_sec,
                 "true_class": self.true_class, "true_offset_sec": self.true_offset_sec,
+                "true_class_offset_sec": self.true_class_offset_sec, "offset_on_grid": self.offset_on_grid,
                 "predicted_class": self.predicted_class, "predicted_offset_sec": self.predicted_offset_sec,
                 "predicted_probability": float(self.probabilities[self.predicted_class]),
                 "tolerance_classes": self.tolerance, "seed": self.seed,
@@ -358,7 +378,8 @@ def attribute_clip(model, params, frames: np.ndarray, audio: np.ndarray, *, v_st
         at the time of frame 0 (as `media.conform` / `decode_media` return them).
       v_start_sec, offset_sec: the official fixed-offset setting (`example.py`): the
         video crop starts at `int(v_start_sec * 25)`, the audio crop at
-        `int((v_start_sec + offset_sec) * 16000)`; the true class is the offset's.
+        `int((v_start_sec + offset_sec) * 16000)`; the true class is the offset's nearest
+        (an offset outside the class grid is a ValueError).
       distractor_frames, distractor_audio: another clip (any frame size of at least the
         model's crop; centre-cropped), whose 5 s from `distractor_start_sec` fill the
         masked intervals. A clip without audio-visual events is the natural choice.
@@ -380,6 +401,10 @@ def attribute_clip(model, params, frames: np.ndarray, audio: np.ndarray, *, v_st
     frames, audio = np.asarray(frames), np.asarray(audio, np.float32)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be uint8 [T, H, W, 3]; got {frames.dtype} {frames.shape}")
+    from synchformer_jax.predict import check_offset
+
+    # Outside the grid the "true class" would be the end class, not the shift.
+    check_offset(offset_sec, transforms.class_grid(cfg.sync.max_offset_sec, cfg.sync.num_offset_classes))
     crop = cfg.video.img_size
     plan = transforms.plan_sync_example(
         frames.shape[0], audio.shape[0], frames.shape[1], frames.shape[2], train=False,
@@ -540,7 +565,7 @@ def plot_attribution(result: ClipAttribution, path: str | os.PathLike, *, title:
     axes[3].set_xlim(lo, hi)
     axes[3].set_xlabel("clip time (s)")
     p = r.probabilities[r.predicted_class]
-    fig.suptitle(title or (f"evidence attribution: true offset {r.true_offset_sec:+.2f} s (class {r.true_class}), "
+    fig.suptitle(title or (f"evidence attribution: {r.describe_truth()}, "
                            f"predicted {r.predicted_offset_sec:+.2f} s (class {r.predicted_class}, p={p:.2f})"))
     fig.tight_layout()
     path = pathlib.Path(path)
@@ -645,7 +670,8 @@ def add_attribute_parser(subparsers) -> None:
     p.add_argument("--checkpoint", required=True, help="model folder or official .pt / .safetensors (offset head)")
     p.add_argument("--v-start-sec", type=float, default=0.0, help="start of the 5 s video crop (official example.py)")
     p.add_argument("--offset-sec", type=float, default=0.0,
-                   help="audio crop starts this much after the video crop (a class of the grid)")
+                   help="audio crop starts this much after the video crop (inside the class grid, best "
+                        "one of its classes: masks are scored against the nearest class)")
     p.add_argument("--distractor", default="synthetic",
                    help="media file whose content fills masked intervals, or 'synthetic' (a procedural clip "
                         "without audio-visual events, at the video's frame size)")
@@ -666,7 +692,17 @@ def add_attribute_parser(subparsers) -> None:
 def attribute_cli(args: argparse.Namespace) -> int:
     from synchformer_jax import media, pretrained, synthetic
     from synchformer_jax.models.synchformer import Synchformer
+    from synchformer_jax.predict import check_offset, off_grid_warning
 
+    def usage(message: str) -> int:
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+    for flag, value in (("--v-start-sec", args.v_start_sec), ("--distractor-start-sec", args.distractor_start_sec)):
+        if not (math.isfinite(value) and value >= 0):  # NaN fails every comparison
+            return usage(f"{flag} must be a finite number >= 0, got {value}")
+    if not math.isfinite(args.offset_sec):
+        return usage(f"--offset-sec must be a finite number of seconds, got {args.offset_sec}")
     out = pathlib.Path(args.out)
     try:
         clip = media.conform(args.video)
@@ -682,6 +718,13 @@ def attribute_cli(args: argparse.Namespace) -> int:
         return 2
     args.source = args.checkpoint  # main() names this in checkpoint errors
     loaded = pretrained.load_model(args.checkpoint)
+    grid = transforms.class_grid(loaded.config.sync.max_offset_sec, loaded.config.sync.num_offset_classes)
+    try:
+        applied, k, on_grid = check_offset(args.offset_sec, grid)
+    except ValueError as e:
+        return usage(str(e))
+    if not on_grid:
+        print(off_grid_warning(applied, k, grid), file=sys.stderr)
     try:
         result = attribute_clip(Synchformer(loaded.config), loaded.params, clip.frames, clip.audio,
                                 v_start_sec=args.v_start_sec, offset_sec=args.offset_sec, distractor_frames=d_frames,
@@ -696,7 +739,7 @@ def attribute_cli(args: argparse.Namespace) -> int:
     record = result.to_json()
     record.update(video_file=str(args.video), checkpoint=str(args.checkpoint), distractor=str(args.distractor))
     (out / "attribution.json").write_text(json.dumps(record, indent=1))
-    print(f"true offset {result.true_offset_sec:+.2f} s (class {result.true_class}), predicted "
+    print(f"{result.describe_truth()}, predicted "
           f"{result.predicted_offset_sec:+.2f} s (class {result.predicted_class}); correct masks: video "
           f"{result.video.num_correct}/{args.samples}, audio {result.audio.num_correct}/{args.samples}")
     print(f"wrote {out / 'attribution.json'}")

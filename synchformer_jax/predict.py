@@ -9,7 +9,10 @@ are scored together in device batches of `--batch-size`. The output schema is in
 
 Windows: `--v-start-sec T` scores one window starting at T (with `--offset-sec O` the
 audio is taken O seconds later, the official synthetic shift); otherwise windows start
-every `--stride-sec` seconds (default 2.5) from 0 for as long as a whole window fits.
+every `--stride-sec` seconds (default 2.5) from the first start whose window (and shifted
+audio) fits, plus one at the last start that fits. An offset model takes offsets inside
+its class grid only (outside it has no class for them: a usage error); an offset between
+two classes is applied as given, with a warning, and labelled with the nearest class.
 
 Per video the aggregate is the mean of the window probability vectors; its argmax is
 the video's offset and the mean probability of that class its confidence (likewise the
@@ -48,6 +51,40 @@ class PredictError(ValueError):
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
+
+
+def check_offset(offset_sec: float, grid) -> tuple[float, int, bool]:
+    """`offset_sec` as the official test transform applies it to a model with class `grid`.
+
+    Returns `(applied, class, on_grid)`: the shift is `round(offset_sec, 2)` (official),
+    its class the nearest grid value (the label the official code gives it), and
+    `on_grid` tells whether it is one of the shifts the model was trained on (the
+    official random offsets are the grid values rounded to 2 decimals).
+
+    Raises:
+      ValueError: a non-finite offset, or one outside the grid's range: the model has no
+        class for it (official `example.py` only warns, then labels it with the end class).
+    """
+    from synchformer_jax.input import transforms
+
+    offset_sec = float(offset_sec)
+    if not math.isfinite(offset_sec):
+        raise ValueError(f"--offset-sec must be a finite number of seconds, got {offset_sec}")
+    values = np.round(np.asarray(grid, np.float64), 2)
+    applied = round(offset_sec, 2)
+    if not values[0] - 1e-9 <= applied <= values[-1] + 1e-9:
+        raise ValueError(f"--offset-sec {offset_sec:g} is outside the model's class grid "
+                         f"[{values[0]:g}, {values[-1]:g}] s: it has no class for that offset")
+    _, k = transforms.quantize_offset(grid, applied)
+    return applied, int(k), bool(abs(values[k] - applied) < 1e-9)
+
+
+def off_grid_warning(applied: float, k: int, grid) -> str:
+    """The one-line warning for an offset between two classes."""
+    step = float(grid[1]) - float(grid[0])
+    return (f"warning: --offset-sec {applied:+.2f} s is not a class of the model's grid ({float(grid[0]):+.2f} ... "
+            f"{float(grid[-1]):+.2f} s in {step:.2f} s steps): the audio is shifted by {applied:+.2f} s, which is "
+            f"labelled with the nearest class, {k} ({float(grid[k]):+.2f} s), as the official code labels it")
 
 
 # ------------------------------------------------------------------------- inputs
@@ -316,8 +353,35 @@ def _finish(video: _Video, offset_model: Optional[PredictModel], topk: int) -> d
 # ------------------------------------------------------------------------ windows
 
 
+def _window_fits(clip, config, offset: float, frame: int) -> bool:
+    """Whether the window starting at `frame`, its audio shifted by `offset`, lies inside
+    the clip: the official crop arithmetic (`inference.window_inputs`) without cutting."""
+    from synchformer_jax import inference
+    from synchformer_jax.input import transforms
+    from synchformer_jax.models.config import HEAD_SYNCHRONIZABILITY
+
+    t = inference.frame_exact_sec(frame)
+    if transforms.sec2frames(t + round(offset, 2), inference.AUDIO_RATE) < 0:
+        # The official code moves an audio start up to one frame before the clip to 0,
+        # which would apply another shift than asked for; a window a frame later does not.
+        return False
+    try:
+        transforms.plan_sync_example(
+            clip.num_frames, clip.audio.shape[0], clip.frames.shape[1], clip.frames.shape[2], train=False,
+            offset_sec=offset, v_start_i_sec=t,
+            synchronizability=config.sync.head == HEAD_SYNCHRONIZABILITY, crop_size=config.video.img_size,
+            n_segments=config.n_segments, max_off_sec=config.sync.max_offset_sec,
+            grid_size=config.sync.num_offset_classes, clip_max_len_sec=math.inf)
+    except ValueError:
+        return False
+    return True
+
+
 def _window_starts(clip, lead, settings) -> Iterator[tuple[float, int]]:
-    """`(v_start_sec, frame)` of the windows to score for one clip."""
+    """`(v_start_sec, frame)` of the windows to score for one clip: every stride from the
+    first start that fits to the last one, which is always included. With an offset the
+    shifted audio moves both ends (a negative one needs a later first start, a positive
+    one an earlier last), so they are searched for, not taken as 0 and the video's end."""
     from synchformer_jax import inference
     from synchformer_jax.input import transforms
 
@@ -327,12 +391,16 @@ def _window_starts(clip, lead, settings) -> Iterator[tuple[float, int]]:
         return
     stride = max(1, math.floor(settings["stride_sec"] * inference.VIDEO_FPS + 0.5))
     crop = int(_crop_len(lead.config) * inference.VIDEO_FPS)
+    offset = float(settings["offset_sec"])
     # The official EqualifyFromRight length (its float truncation can drop the last frame).
     v_len, _ = transforms.equalify_from_right(clip.num_frames, clip.audio.shape[0], clip_max_len_sec=math.inf)
-    last = v_len - crop
-    starts = list(range(0, last + 1, stride))
-    if starts and starts[-1] != last:
-        starts.append(last)  # one more window ending with the video, so that the end is covered
+    first = next((f for f in range(0, v_len - crop + 1) if _window_fits(clip, lead.config, offset, f)), None)
+    if first is None:
+        return
+    last = next(f for f in range(v_len - crop, first - 1, -1) if _window_fits(clip, lead.config, offset, f))
+    starts = list(range(first, last + 1, stride))
+    if starts[-1] != last:
+        starts.append(last)  # one more window ending where the last one fits, so that the end is covered
     for f in starts:
         yield inference.frame_exact_sec(f), f
 
@@ -376,7 +444,10 @@ def _plan_windows(video: _Video, clip, models: list[PredictModel], settings, bat
 
 def _fmt_table(rec: dict[str, Any]) -> str:
     if not rec["ok"]:
-        return f"{rec['path']}: ERROR {rec['error']}"
+        # The error line names the path already (docs/predict.md).
+        prefix = f"{rec['path']}: "
+        error = rec["error"][len(prefix):] if rec["error"].startswith(prefix) else rec["error"]
+        return f"{prefix}ERROR {error}"
     ws = rec["windows"]
     lines = [f"{rec['path']}  ({rec['duration_sec']:.2f} s, {len(ws)} window{'s' if len(ws) != 1 else ''}"
              f"{', re-encoded' if rec.get('reencoded') else ''}{', silent audio' if rec.get('silent') else ''})"]
@@ -506,8 +577,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.v_start_sec is not None and args.stride_sec is not None:
         return usage("give --v-start-sec (one window) or --stride-sec (sliding windows), not both")
     stride = DEFAULT_STRIDE_SEC if args.stride_sec is None else args.stride_sec
-    if stride <= 0:
-        return usage("--stride-sec must be > 0")
+    # NaN passes every `<=` test and would fail per file, deep in the window arithmetic.
+    if not (math.isfinite(stride) and stride > 0):
+        return usage("--stride-sec must be a finite number > 0")
+    if args.v_start_sec is not None and not (math.isfinite(args.v_start_sec) and args.v_start_sec >= 0):
+        return usage(f"--v-start-sec must be a finite number >= 0, got {args.v_start_sec}")
+    if not math.isfinite(args.offset_sec):
+        return usage(f"--offset-sec must be a finite number of seconds, got {args.offset_sec}")
+    if args.max_duration_sec is not None and not (math.isfinite(args.max_duration_sec) and args.max_duration_sec > 0):
+        return usage(f"--max-duration-sec must be a finite number > 0, got {args.max_duration_sec}")
     try:
         mesh = local_mesh(args.devices)
     except PredictError as e:
@@ -520,10 +598,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
                          "--checkpoint to use --sync-checkpoint")
         models.append(PredictModel(args.sync_checkpoint, _parse_overrides(args.sync_set), "sync", args.topk,
                                    mesh=mesh))
-    settings = make_settings(v_start_sec=args.v_start_sec, offset_sec=args.offset_sec, stride_sec=stride,
-                             topk=args.topk, batch_size=args.batch_size, max_duration_sec=args.max_duration_sec)
     offset_model = next((m for m in models if m.kind == "offset"), None)
     sync_model = next((m for m in models if m.kind == "sync"), None)
+    topk = args.topk
+    if offset_model is not None:
+        # A synchronizability model alone has no offset classes: any shift is an input.
+        try:
+            applied, k, on_grid = check_offset(args.offset_sec, offset_model.grid)
+        except ValueError as e:
+            return usage(str(e))
+        if not on_grid:
+            print(off_grid_warning(applied, k, offset_model.grid), file=sys.stderr)
+        topk = min(topk, len(offset_model.grid))  # the lists hold at most every class
+    settings = make_settings(v_start_sec=args.v_start_sec, offset_sec=args.offset_sec, stride_sec=stride,
+                             topk=topk, batch_size=args.batch_size, max_duration_sec=args.max_duration_sec)
     header = {"schema": SCHEMA, "model": offset_model.describe() if offset_model else None,
               "sync_model": sync_model.describe() if sync_model else None,
               "settings": settings}
@@ -570,7 +658,8 @@ def add_predict_parser(sub) -> None:
     p.add_argument("--sync-set", action="append", metavar="KEY=VALUE", help="overrides for --sync-checkpoint")
     p.add_argument("--v-start-sec", type=float, help="score one window starting here (official --v_start_i_sec)")
     p.add_argument("--offset-sec", type=float, default=0.0,
-                   help="take the audio this much later than the video (official --offset_sec; default 0)")
+                   help="take the audio this much later than the video (official --offset_sec; default 0); "
+                        "inside the offset model's class grid (-2 ... +2 s), best one of its classes")
     p.add_argument("--stride-sec", type=float,
                    help=f"sliding windows every this many seconds (default {DEFAULT_STRIDE_SEC})")
     p.add_argument("--topk", type=_positive_int, default=5, help="offset classes listed per window (default 5)")

@@ -18,7 +18,7 @@ The contract (`inputs="model"`, the default: the model's own inputs):
   audio  float32 [B, S, 1, 128, 66]    normalised log-mel per segment (`input.melspec`)
   ->     logits float32 [B, C]         C = 21 offset classes (grid in contract.json) or
                                        2 synchronizability logits (index 1 = synchronizable)
-with S = 14 (offset) / 13 (synchronizability), H = W = the model's crop (224).
+with S = 14 (offset) / 13 (synchronizability), H = W = the model's crop (`video.img_size`, 224).
 
 `inputs="raw"`: the official test-time preprocessing runs inside the function:
   video  uint8   [B, Tv, H, W, 3]      the 5 s (4.48 s) video crop at 25 fps, already
@@ -98,6 +98,17 @@ def _window(config: ModelConfig) -> tuple[int, int]:
     else:
         sec = 5.0
     return transforms.sec2frames(sec, transforms.VIDEO_FPS), transforms.sec2frames(sec, transforms.AUDIO_RATE)
+
+
+def _preprocessing(config: ModelConfig) -> str:
+    """The contract's description of the official test transform, in this model's sizes."""
+    frames, samples = _window(config)
+    seg_frames = config.video.num_frames
+    return (f"official test transform: {frames / transforms.VIDEO_FPS:g} s crops (video at int(v_start*25), audio "
+            f"at int((v_start+offset)*16000)), centre {config.video.img_size} crop of the 256-px frames, "
+            f"{config.n_segments} centred segments of {seg_frames} frames / "
+            f"{seg_frames * transforms.AUDIO_RATE // transforms.VIDEO_FPS} samples with 50 % overlap; "
+            "see docs and synchformer_jax/input")
 
 
 def input_specs(config: ModelConfig, batch: int, inputs: str = "model") -> dict[str, dict[str, Any]]:
@@ -213,9 +224,7 @@ def export_model(params: Any, config: ModelConfig, out_dir: str | os.PathLike, *
         "platforms": list(exported.platforms),
         "jax_version": jax.__version__,
         "calling_convention_version": int(exported.calling_convention_version),
-        "preprocessing": ("official test transform: 5 s crops (video at int(v_start*25), audio at "
-                          "int((v_start+offset)*16000)), centre 224 crop, 14 centred segments of 16 frames / "
-                          "10240 samples with 50 % overlap; see docs and synchformer_jax/input"),
+        "preprocessing": _preprocessing(config),
     }
     (out / CONTRACT_FILE).write_text(json.dumps(contract, indent=1))
     return out

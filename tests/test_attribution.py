@@ -289,6 +289,39 @@ def test_attribute_cli_writes_json_and_png(tiny_run, tmp_path, capsys):
     assert "nope.mp4" in capsys.readouterr().err
 
 
+def test_attribute_cli_offsets_off_and_outside_the_grid(tiny_run, tmp_path, capsys):
+    """0.3 s lies between classes 11 (0.2) and 12 (0.4): the audio is shifted 0.3 s, the
+    masks are scored against class 12, and both are said (a warning, the summary line,
+    the JSON). Outside the grid, and non-finite values, are usage errors (exit 2)."""
+    model_dir = pretrained.save_model(tmp_path / "model", tiny_run["params"], CONFIG)
+    frames, audio, _ = synthetic.make_clip_with_events(4, [3.0], duration_sec=6.0, height=64, width=64)
+    video = _write_clip(tmp_path / "clip.mkv", frames, audio)
+    out = tmp_path / "out"
+    common = [str(video), "--checkpoint", str(model_dir), "--samples", "8", "--batch-size", "8", "--no-plot",
+              "--out", str(out)]
+    rc = cli.main(["attribute", *common, "--v-start-sec", "0.5", "--offset-sec", "0.3"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    (warning,) = captured.err.splitlines()
+    assert warning.startswith("warning: --offset-sec +0.30 s is not a class") and "class, 12 (+0.40 s)" in warning
+    assert captured.out.startswith("true offset +0.30 s (between classes: scored against the nearest, "
+                                   "class 12 = +0.40 s), predicted ")
+    record = json.loads((out / "attribution.json").read_text())
+    assert record["offset_sec"] == pytest.approx(0.3) and record["true_offset_sec"] == pytest.approx(0.3)
+    assert record["true_class"] == 12 and record["true_class_offset_sec"] == pytest.approx(0.4)
+    assert record["offset_on_grid"] is False
+    assert record["audio"]["window_start_sec"] == pytest.approx(0.8)  # really 0.3 s after the video's 0.5 s
+    for extra, words in ((["--offset-sec", "2.5"], "outside the model's class grid"),
+                         (["--offset-sec", "nan"], "--offset-sec must be a finite"),
+                         (["--v-start-sec", "inf"], "--v-start-sec must be a finite")):
+        assert cli.main(["attribute", *common, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err, err
+    with pytest.raises(ValueError, match="outside the model's class grid"):
+        at.attribute_clip(sf.Synchformer(CONFIG), tiny_run["params"], frames, audio, v_start_sec=0.5,
+                          offset_sec=-2.2, distractor_frames=frames, distractor_audio=audio)
+
+
 # ------------------------------------------------------------ isolated-event check
 
 

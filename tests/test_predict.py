@@ -289,3 +289,74 @@ def test_one_window_that_does_not_fit_is_an_error_for_that_file(batch_run, model
     check_record(a)
     assert not a["ok"] and "does not fit" in a["error"]
     assert err.splitlines()[0] == f"error: {a['error']}" and str(batch_run["a"]) in err
+
+
+# ------------------------------------------------- offsets, windows, argument checks
+
+
+def test_bad_offsets_and_non_finite_arguments_are_usage_errors(models, batch_run, capsys):
+    """An offset outside the class grid has no class (official example.py only warns and
+    labels it with the end class); NaN / infinity would fail per file. All: exit 2, one
+    line, before any file is read."""
+    a, model = batch_run["a"], models["offset"]
+    cases = [(["--offset-sec", 4.9], "outside the model's class grid [-2, 2]"),
+             (["--offset-sec", -2.1], "outside the model's class grid"),
+             (["--offset-sec", "inf"], "--offset-sec must be a finite"),
+             (["--offset-sec", "nan"], "--offset-sec must be a finite"),
+             (["--v-start-sec", "nan"], "--v-start-sec must be a finite number >= 0"),
+             (["--v-start-sec", -1], "--v-start-sec must be a finite number >= 0"),
+             (["--stride-sec", "nan"], "--stride-sec must be a finite number > 0"),
+             (["--max-duration-sec", "nan"], "--max-duration-sec must be a finite")]
+    for extra, words in cases:
+        rc, out, err = run_cli([a, "--checkpoint", model, "--no-progress", *extra], capsys)
+        assert rc == 2 and not out and err.count("\n") == 1 and err.startswith("error: "), (extra, err)
+        assert words in err, (extra, err)
+    # A synchronizability model alone has no offset classes: a large shift is an input.
+    rc, out, err = run_cli([batch_run["b"], "--checkpoint", models["sync"], "--offset-sec", 2.5,
+                            "--v-start-sec", 0, "--json", "--no-progress"], capsys)
+    assert rc == 0 and "warning" not in err and json.loads(out)["videos"][0]["windows"][0]["offset_applied_sec"] == 2.5
+
+
+def test_offset_between_classes_warns_once_and_is_reported_as_applied(models, batch_run, capsys):
+    rc, out, err = run_cli([batch_run["a"], batch_run["b"], "--checkpoint", models["offset"], "--v-start-sec", 0,
+                            "--offset-sec", 0.3, "--json", "--no-progress"], capsys)
+    assert rc == 0
+    (warning,) = err.splitlines()  # once, not per file or window
+    assert warning.startswith("warning: --offset-sec +0.30 s is not a class") and "shifted by +0.30 s" in warning
+    assert "nearest class, 12 (+0.40 s)" in warning
+    for rec in json.loads(out)["videos"]:
+        (w,) = rec["windows"]
+        # The audio really starts 0.3 s later; the label is the nearest class, as officially.
+        assert w["offset_applied_sec"] == 0.3 and w["a_start_sample"] == 4800 and w["offset_applied_class"] == 12
+    rc, out, err = run_cli([batch_run["a"], "--checkpoint", models["offset"], "--v-start-sec", 0,
+                            "--offset-sec", 0.4, "--json", "--no-progress"], capsys)
+    assert rc == 0 and err == ""  # a class of the grid: no warning
+
+
+@pytest.mark.parametrize("offset, frames", [(-1.0, [25, 79]), (1.0, [0, 54]), (0.0, [0, 63, 79])])
+def test_sliding_windows_with_an_offset_cover_the_clip(models, batch_run, capsys, offset, frames):
+    """b: 204 frames / 130 560 samples after EqualifyFromRight, 125-frame windows, stride
+    63 frames. A negative offset needs the audio of the first window inside the clip
+    (t >= 1 s: frame 25; frame 24 would put it one frame before the start, which the
+    official code moves to 0, another shift); a positive one ends the windows where the
+    shifted audio ends (t + 1 + 5 <= 8.16 s: frame 54), not at the video's last window."""
+    rc, out, err = run_cli([batch_run["b"], "--checkpoint", models["offset"], "--offset-sec", offset,
+                            "--stride-sec", 2.5, "--json", "--no-progress"], capsys)
+    assert rc == 0, err
+    (rec,) = json.loads(out)["videos"]
+    assert [w["v_start_frame"] for w in rec["windows"]] == frames
+    for w in rec["windows"]:
+        t = inference.frame_exact_sec(w["v_start_frame"])
+        assert w["a_start_sample"] == int((t + offset) * 16000) >= 0
+        assert w["a_start_sample"] + 80000 <= 204 * 640
+
+
+def test_table_error_line_and_topk_clipped_to_the_classes(models, batch_run, capsys):
+    missing = batch_run["missing"]
+    rc, out, err = run_cli([missing, "--checkpoint", models["offset"], "--no-progress"], capsys)
+    assert rc == 1 and out == f"{missing}: ERROR no such file\n"  # the path once
+    assert err.splitlines()[0] == f"error: {missing}: no such file"
+    rc, out, err = run_cli([batch_run["a"], "--checkpoint", models["offset"], "--v-start-sec", 0, "--topk", 30,
+                            "--json", "--no-progress"], capsys)
+    doc = json.loads(out)
+    assert rc == 0 and doc["settings"]["topk"] == 21 and len(doc["videos"][0]["windows"][0]["topk"]) == 21

@@ -79,6 +79,9 @@ def test_contract(exported):
     assert len(c["classes"]["offset_sec"]) == 21
     assert set(c["platforms"]) == {"cpu", "cuda"} and c["jax_version"] == jax.__version__
     assert c["model_config"] == CONFIG.to_dict()
+    # The preprocessing text gives this model's sizes, not the official 224 px.
+    assert "centre 32 crop" in c["preprocessing"] and "224" not in c["preprocessing"]
+    assert "5 s crops" in c["preprocessing"] and "14 centred segments" in c["preprocessing"]
 
 
 def test_exported_logits_equal_the_model_after_a_file_round_trip(served, reference):
