@@ -305,6 +305,9 @@ def _apply_split(config, split: str):
     return config
 
 
+EVAL_SKIPS_SHOWN = 50  # skipped records listed in the eval JSON; skipped.jsonl has every one
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     config = _apply_split(load_config(args.config, args.overrides), args.split)
     _setup_logging(args.verbose)
@@ -312,7 +315,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import jax
 
     from synchformer_jax import checkpoint, train
+    from synchformer_jax.evaluators.coverage import list_coverage
     from synchformer_jax.input import pipeline
+    from synchformer_jax.skip_log import SkipLog
 
     pipeline.mark_absl_flags_parsed()
     workdir = pathlib.Path(args.workdir)
@@ -338,19 +343,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
                               f"{loaded.config.n_segments} segments) differs from the config's")
         params, step = loaded.params, None
     params = jax.device_put(params, trainer.state_shardings.params)
-    _, eval_paths = train.data_paths(config, workdir)
-    metrics = train.evaluate(trainer, params, train.eval_batches(config, trainer.task, eval_paths),
-                             config.train.eval_max_batches)
+    # Exactly the shards the config names for this split (the train shards only when they
+    # are the evaluation set); generated clips only when no shards are configured at all.
+    eval_paths = train.eval_data_paths(config, workdir)
+    coverage = list_coverage(eval_paths)
+    skips = pipeline.SkipReport()
+    skip_log = SkipLog(workdir, jax.process_index(), jax.process_count())
+    try:
+        metrics = train.evaluate(trainer, params, train.eval_batches(config, trainer.task, eval_paths),
+                                 config.train.eval_max_batches, skips=skips)
+    except train.EmptyEvaluationError as e:
+        print(f"error: {train.eval_data_spec(config, workdir)}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        skip_log.append(f"eval_{args.split}", step, skips.items, checkpoint=args.checkpoint)
     record = {"checkpoint": args.checkpoint, "step": step, "split": args.split, "stage": config.stage,
-              "eval_shards": config.data.eval_shards or "synthetic", "eval_rounds": config.data.eval_rounds,
-              "fixed_offsets": config.data.fixed_offsets, "metrics": metrics}
+              "eval_shards": train.eval_data_spec(config, workdir), "eval_files": eval_paths,
+              "eval_rounds": config.data.eval_rounds, "fixed_offsets": config.data.fixed_offsets,
+              "metrics": metrics,
+              # This process's skipped records (each host skips only in its own slice); all
+              # of them, with the other processes' files, are in skipped*.jsonl.
+              "skipped": skips.items[:EVAL_SKIPS_SHOWN], "skipped_log": str(skip_log.path)}
+    if coverage is not None:
+        record["coverage"] = coverage.report(metrics.get("clips_evaluated"))
     name = f"eval_{args.split}_{pathlib.Path(args.checkpoint).name}.json"
     out = pathlib.Path(args.out) if args.out else workdir / name
     if jax.process_index() == 0:
+        warning = coverage.warning(metrics.get("clips_evaluated")) if coverage is not None else None
+        if warning:
+            print(warning, file=sys.stderr)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=1, default=_json_default))
-        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float, np.number))}
-        print(json.dumps(scalars, default=_json_default))
+        out.write_text(json.dumps(train.json_safe(record), indent=1, default=_json_default, allow_nan=False))
+        scalars = {k: v for k, v in train.json_safe(metrics).items() if isinstance(v, (int, float)) or v is None}
+        print(json.dumps(scalars, allow_nan=False))
         print(f"wrote {out}")
     return 0
 
@@ -537,6 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from synchformer_jax import pretrained, torch_pickle, xla_cpu
+    from synchformer_jax.input.shards import ShardError
     from synchformer_jax.models import convert_torch
 
     xla_cpu.disable_ynn_fusion()  # before any command runs jax: see xla_cpu
@@ -552,6 +578,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ShardError as e:  # an incomplete shard set or a directory of several splits: names the files
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (torch_pickle.TorchFileError, torch_pickle.UnsafePickleError, convert_torch.ConversionError,
             pretrained.CheckpointError) as e:
         message = str(e)
@@ -560,6 +589,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             message = f"{source}: {message}"
         print(f"error: {message}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - the training errors below, raised before or after any step
+        from synchformer_jax import feature_cache, train
+
+        if isinstance(e, (feature_cache.CacheMismatchError, train.PartialInitError)):
+            print(f"error: {e}", file=sys.stderr)  # the set-up does not fit: fix the config
+            return 2
+        if isinstance(e, train.EmptyEvaluationError):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

@@ -143,7 +143,9 @@ def sparse_fixed_offsets_rows(path: PathLike) -> list[tuple[str, FixedOffset, bo
 
 def parse_sparse_fixed_offsets_csv(path: PathLike) -> dict[str, FixedOffset]:
     """`vggsound_sparse_clean_fixed_offsets.csv` -> {video_id: FixedOffset} of the `is_sync == 1`
-    rows, the ones the official `VGGSoundSparsePickedCleanTestFixedOffsets` keeps (444 of 646)."""
+    rows (444 of 646). The official `VGGSoundSparsePickedCleanTestFixedOffsets` keeps these
+    after the `filtered_examples_vggsound` lists, which drop 5 of them: 439 clips evaluated
+    (`prepare --exclude filtered_examples_vggsound`)."""
     out: dict[str, FixedOffset] = {}
     for key, value, is_sync in sparse_fixed_offsets_rows(path):
         if is_sync and out.setdefault(key, value) != value:

@@ -40,6 +40,9 @@ def default_config(stage: str = STAGE_SYNC) -> ml_collections.ConfigDict:
     # stage III the whole sync model (table truncated to 13 segments).
     c.init_from = ""
     c.init_overrides = ml_collections.ConfigDict()  # e.g. head counts of unofficial widths
+    # Frozen parameters (`optim.frozen`) the source lacks are an error: they would keep
+    # their random init forever. True accepts that on purpose (an ablation).
+    c.init_from_partial = False
 
     c.data = ml_collections.ConfigDict()
     c.data.format = "array_record"  # or "tfrecord"
@@ -50,6 +53,9 @@ def default_config(stage: str = STAGE_SYNC) -> ml_collections.ConfigDict:
     # the access it started with (the data iterator states differ).
     c.data.tfrecord_access = "indexed"
     c.data.train_shards = ""  # glob or comma-separated paths; empty: the synthetic set
+    # What evaluation reads (training and the eval command); empty: the train shards, or,
+    # when neither is set, the synthetic set's eval split. Only eval shards: an error for
+    # training; the eval command reads them alone.
     c.data.eval_shards = ""
     c.data.synthetic_dir = ""  # where the synthetic set is made (default: <workdir>/synthetic)
     c.data.synthetic_train = 256
@@ -62,7 +68,10 @@ def default_config(stage: str = STAGE_SYNC) -> ml_collections.ConfigDict:
     c.data.batch_size = 16 if stage != STAGE_AVCLIP else 2  # global batch (per device x devices)
     c.data.eval_batch_size = 16
     c.data.eval_rounds = 1  # repeated random-offset rounds (LRS3 2, VGGSound-Sparse 25)
-    c.data.fixed_offsets = True  # evaluation uses record labels' fixed offsets when present
+    # Stage II evaluation at the records' fixed offsets (labels offset_sec / vstart_sec,
+    # from a fixed-offset CSV) where a record has them; a record without them gets the
+    # seeded draw of the random protocol. The results count both (offsets_fixed / _drawn).
+    c.data.fixed_offsets = True
     c.data.read_threads = 2
     c.data.num_workers = 0
     c.data.augment = stage == STAGE_AVCLIP  # the official stage-I augmentations
@@ -71,6 +80,9 @@ def default_config(stage: str = STAGE_SYNC) -> ml_collections.ConfigDict:
     # features on a fixed segment grid, centre crop); training then reads features instead
     # of clips (evaluation stays on the clips). Empty: train on the clips.
     c.data.feature_cache = ""
+    # The cache records the frozen extractors and the shards it was built from; training
+    # refuses a mismatch. True accepts other shards (e.g. the same clips in another format).
+    c.data.feature_cache_accept_other_shards = False
     # Stage II from a feature cache only: a synthetic-demo training schedule for clips with
     # one event each (`synthetic` cue "pulse"), whose time the cache stores per clip.
     # `phases`: ((num_steps, jitter_sec), ...) drawing only windows whose video segments

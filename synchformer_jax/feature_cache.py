@@ -46,7 +46,15 @@ Storage: ArrayRecord shards of per-clip records (`vfeat [Nv, 8, D]`, `afeat [Na,
 clip id, counts) + `index.npz` (per-clip lengths / counts and `anchor_sec`, in record
 order; caches from before `anchor_sec` load with NaN anchors) +
 `manifest.json` (grid, crop, dtype, model config, sha256 of the extractor params,
-source shards, bytes per clip, skipped records).
+source shards with their size, mtime and sha256, bytes per clip, skipped records).
+
+Staleness (`verify_for_training`, called by the trainer once its state exists): a cache
+only stands in for the clips when it was computed by the run's own frozen extractors
+from the run's own training shards. Both are checked at training start: the sha256 of
+the run's extractor params against the recorded one, and the configured shards against
+the recorded sources by content (a shard whose path, size and mtime are as recorded
+counts as unchanged, as make and rsync decide; any other shard is hashed), so a moved
+copy passes and a rewritten shard does not.
 """
 from __future__ import annotations
 
@@ -69,7 +77,8 @@ from synchformer_jax.input import transforms
 
 __all__ = ["CacheGrid", "grid_for", "official_deviation", "encode_entry", "decode_entry",
            "build_feature_cache", "FeatureCache", "CacheTrainIterator", "train_iterator",
-           "extractor_params_sha256", "MANIFEST", "INDEX"]
+           "extractor_params_sha256", "shard_record", "verify_for_training", "CacheMismatchError",
+           "MANIFEST", "INDEX"]
 
 _log = logging.getLogger(__name__)
 
@@ -250,6 +259,9 @@ def decode_entry(data: bytes) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------- build
 
 
+EXTRACTORS = ("vfeat_extractor", "afeat_extractor")
+
+
 def extractor_params_sha256(params) -> str:
     """sha256 over the float32 bytes of the extractor params (sorted paths)."""
     from flax import traverse_util
@@ -257,7 +269,7 @@ def extractor_params_sha256(params) -> str:
     h = hashlib.sha256()
     flat = traverse_util.flatten_dict(params)
     for path in sorted(flat):
-        if path[0] not in ("vfeat_extractor", "afeat_extractor"):
+        if path[0] not in EXTRACTORS:
             continue
         a = np.asarray(flat[path], dtype=np.float32)
         h.update("/".join(path).encode())
@@ -429,6 +441,7 @@ def build_feature_cache(model, shard_paths, out_dir, *, batch_size: int = 64, dt
         "model_config": config.to_dict(),
         "extractor_params_sha256": extractor_params_sha256(params),
         "source_shards": [str(p) for p in paths],
+        "source_shard_files": [shard_record(p) for p in paths],
         "shards": shards_out,
         "num_clips": n_clips,
         "skipped": skipped,
@@ -438,6 +451,137 @@ def build_feature_cache(model, shard_paths, out_dir, *, batch_size: int = 64, dt
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
     return manifest
+
+
+# --------------------------------------------------------------------------- staleness
+
+
+class CacheMismatchError(ValueError):
+    """The cache was not computed by this run's frozen extractors from its training shards."""
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_record(path) -> Dict[str, Any]:
+    """What the manifest keeps of one source shard: absolute path, size, mtime, sha256.
+    The hash is one more sequential read of a shard the build decodes whole anyway."""
+    st = os.stat(path)
+    return {"path": os.path.abspath(path), "size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns),
+            "sha256": _file_sha256(path)}
+
+
+def _shard_digest(path: str, recorded_by_path: Dict[str, dict], recorded_sizes: set) -> Optional[str]:
+    """The content sha256 of a configured shard, hashing only when it cannot be avoided;
+    None when it cannot be any recorded source (its size matches none)."""
+    st = os.stat(path)
+    rec = recorded_by_path.get(os.path.abspath(path))
+    if rec is not None and rec["size"] == st.st_size and rec["mtime_ns"] == st.st_mtime_ns:
+        return rec["sha256"]
+    if st.st_size not in recorded_sizes:
+        return None
+    return _file_sha256(path)
+
+
+def _shard_problems(manifest: dict, source_shards: Sequence[str]) -> List[str]:
+    """How the configured shards differ from the cache's sources (empty: the same clips)."""
+    configured = [os.fspath(p) for p in source_shards]
+    recorded = manifest.get("source_shard_files")
+    if recorded is None:
+        # A cache from before the shards were recorded with checksums: paths only.
+        old = sorted(os.path.abspath(p) for p in manifest.get("source_shards", []))
+        if old == sorted(os.path.abspath(p) for p in configured):
+            _log.warning("feature cache predates shard checksums: the clips of its %d source shards are not "
+                         "checked for changes since it was built (rebuild it to get the check)", len(old))
+            return []
+        now = {os.path.abspath(p) for p in configured}
+        return [x for x in (_listed("configured shards not among its sources", sorted(now - set(old))),
+                            _listed("sources not configured", sorted(set(old) - now))) if x]
+    by_path = {r["path"]: r for r in recorded}
+    sizes = {r["size"] for r in recorded}
+    unmatched = {}  # sha256 -> recorded paths not yet matched
+    for r in recorded:
+        unmatched.setdefault(r["sha256"], []).append(r["path"])
+    extra, changed = [], []
+    for p in configured:
+        try:
+            digest = _shard_digest(p, by_path, sizes)
+        except OSError as exc:
+            extra.append(f"{p} ({type(exc).__name__}: {exc.strerror or exc})")
+            continue
+        if digest is not None and unmatched.get(digest):
+            unmatched[digest].pop()
+        elif os.path.abspath(p) in by_path:
+            changed.append(p)
+        else:
+            extra.append(p)
+    missing = sorted(q for paths in unmatched.values() for q in paths
+                     if q not in {os.path.abspath(c) for c in changed})
+    return [x for x in (_listed("changed since the cache was built", changed),
+                        _listed("configured shards not among its sources", extra),
+                        _listed("sources not configured", missing)) if x]
+
+
+def _listed(what: str, items: Sequence[str], first: int = 3) -> str:
+    if not items:
+        return ""
+    more = f", ... ({len(items)} in all)" if len(items) > first else ""
+    return f"{what}: {', '.join(items[:first])}{more}"
+
+
+def _host_copy(tree):
+    """Host numpy copies of (possibly sharded, multi-host) arrays."""
+    import jax
+
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(get, tree)
+
+
+def verify_for_training(cache_dir, params, source_shards: Sequence[str], *, accept_other_shards: bool = False,
+                        extractors_from: str = "") -> None:
+    """Refuse a cache that does not stand in for this run's clips (`CacheMismatchError`).
+
+    `params`: the run's parameters (their frozen extractors must be the ones the cache
+    was built with: the head would otherwise learn on features that the evaluated and
+    saved model never computes, so there is no switch for that). `source_shards`: the
+    configured training shards, compared by content with the recorded sources.
+    `accept_other_shards`: log the shard difference instead of refusing, for shards that
+    hold the same clips in other files (a TFRecord copy of the ArrayRecord sources, a
+    re-written set): rebuilding a cache means running both extractors over every clip.
+    `extractors_from`: where the run's extractors came from (`init_from`), for the message.
+    """
+    cache_dir = pathlib.Path(cache_dir)
+    manifest = json.loads((cache_dir / MANIFEST).read_text())
+    problems = []
+    built = manifest.get("extractor_params_sha256")
+    have = extractor_params_sha256(_host_copy({k: params[k] for k in EXTRACTORS if k in params}))
+    if built != have:
+        origin = f"from init_from {extractors_from}" if extractors_from else "randomly initialised: no init_from"
+        problems.append(f"it was built by frozen extractors with params sha256 {str(built)[:12]}..., this run's "
+                        f"extractors ({origin}) have {have[:12]}...: the head would learn on features the "
+                        "trained model does not compute. Rebuild the cache from this run's init_from "
+                        "(feature_cache.build_feature_cache) or set init_from to the model it was built from")
+    shard_problems = _shard_problems(manifest, source_shards)
+    if shard_problems:
+        what = f"its clips are not the configured training shards ({'; '.join(shard_problems)})"
+        if accept_other_shards:
+            _log.warning("feature cache %s: %s; accepted (data.feature_cache_accept_other_shards)", cache_dir, what)
+        else:
+            problems.append(what + ". Set data.train_shards to the cache's sources, rebuild the cache from the "
+                            "configured shards, or set data.feature_cache_accept_other_shards=True when they "
+                            "hold the same clips in other files")
+    if problems:
+        raise CacheMismatchError(f"feature cache {cache_dir} does not fit this run: " + "; and ".join(problems))
 
 
 # ------------------------------------------------------------------------------ reading

@@ -46,13 +46,14 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 from synchformer_jax import datasets, records
-from synchformer_jax.input import shards
+from synchformer_jax.input import shard_sets, shards
 
 PathLike = Union[str, os.PathLike]
 
-MANIFEST = "manifest.json"
+# The readers check shard sets against the manifest (`input.shard_sets`): one home for both names.
+MANIFEST = shard_sets.MANIFEST
 JOURNAL_DIR = ".prepare"
-MANIFEST_SCHEMA = "synchformer-jax/prepare/1"
+MANIFEST_SCHEMA = shard_sets.PREPARE_SCHEMA
 LIST_SUFFIXES = (".txt", ".csv", ".lst")
 DEFAULT_SHARD_SIZE = 1024  # ~1-2k records per shard is grain's sweet spot (docs users.md §6)
 
@@ -317,6 +318,7 @@ def load_job(job: Job, loader: Optional[Callable] = None, max_duration_sec: Opti
         # The path relative to the input root: shards do not depend on where the media
         # folder was mounted (local run vs Beam workers vs another machine).
         rec.source = job.source
+        records.require_finite_audio(rec)  # a NaN clip would stop training at the step that draws it
         data = records.encode(rec)
     except Exception as exc:  # noqa: BLE001 - one bad clip must not stop the run
         return {"ok": False, "clip_id": job.clip_id, "source": job.source, "reason": _one_line(exc)}

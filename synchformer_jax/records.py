@@ -62,6 +62,21 @@ def encode(record: ClipRecord) -> bytes:
     return b"".join([_PREFIX.pack(MAGIC, VERSION, len(head)), head] + [d for _, d in blobs])
 
 
+def require_finite_audio(record: ClipRecord) -> None:
+    """Raise `RecordError` when the PCM holds NaN or infinite samples.
+
+    A damaged recording (or a custom loader's bug) can give non-finite samples while the
+    video is fine. One such clip makes a training step's loss NaN, which stops the run,
+    and a relaunch draws the same clip again; in evaluation it is scored on garbage.
+    So readers treat it as a broken record and `prepare` does not write it.
+    """
+    bad = ~np.isfinite(np.asarray(record.audio))
+    if bad.any():
+        first = int(np.argmax(bad))
+        raise RecordError(f"audio has {int(bad.sum())} non-finite sample(s) (NaN or inf), the first at sample "
+                          f"{first} ({first / max(int(record.sample_rate), 1):.2f} s)")
+
+
 def decode_header(data: bytes) -> dict[str, Any]:
     """The metadata alone (cheap: no blob is touched)."""
     return _split(data)[0]

@@ -10,13 +10,13 @@ config; a restart resumes from the latest complete one by itself.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import logging
 import pathlib
+import re
 import signal
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import flax
 import jax
@@ -27,15 +27,21 @@ import optax
 from flax import traverse_util
 
 from synchformer_jax import experiment, optim, sharding, tasks
+from synchformer_jax.evaluators.coverage import list_coverage
 from synchformer_jax.evaluators.offset import OffsetMetrics
 from synchformer_jax.input import device as device_lib
-from synchformer_jax.input import pipeline
+from synchformer_jax.input import pipeline, sources
 from synchformer_jax.models import convert_torch
 from synchformer_jax.models import synchformer as sf
+from synchformer_jax.skip_log import SkipLog
 
 log = logging.getLogger(__name__)
 Params = Any
 TFRECORD_ACCESS = ("indexed", "stream")  # `data.tfrecord_access` (experiment.py)
+
+
+class PartialInitError(ValueError):
+    """`init_from` would leave frozen parameters at their random init."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -80,6 +86,12 @@ def init_from(params: Params, source: str, config: ml_collections.ConfigDict,
     `source`: a model folder, an official `.pt`/`.safetensors`, or an earlier stage's
     workdir (its latest checkpoint). Stage-I names (`v_encoder`) map to stage-II names
     (`vfeat_extractor`); a longer position table is truncated (stage II -> III).
+
+    The parameters `source` lacks keep their random init. That is the point for the
+    trainable ones (stage II's new sync transformer), and a silent failure for frozen
+    ones (`optim.frozen`: a shallower stage-I run leaves the extra extractor blocks random
+    and never trained), so those raise a ValueError naming them, unless the config sets
+    `init_from_partial = True` (random frozen parameters on purpose, e.g. an ablation).
     """
     from synchformer_jax import pretrained as model_files
 
@@ -91,10 +103,13 @@ def init_from(params: Params, source: str, config: ml_collections.ConfigDict,
         src_params, src_config = loaded.params, loaded.config
     state_dict = convert_torch.canonical_keys(convert_torch.flax_to_torch(src_params), model_config.kind, [])
     flat = traverse_util.flatten_dict(params)
-    used, notes = 0, []
+    frozen = re.compile(config.optim.frozen) if config.optim.frozen else None
+    used, notes, missing_frozen = 0, [], []
     for p, current in flat.items():
         key = convert_torch.flax_path_to_torch_key(p)
         if key not in state_dict:
+            if frozen is not None and frozen.search("/".join(p)):
+                missing_frozen.append("/".join(p))
             continue
         value = convert_torch.torch_to_flax_array(key, state_dict[key])
         if key == "transformer.pos_emb_cfg.pos_emb" and value.shape[1] > current.shape[1]:
@@ -106,6 +121,16 @@ def init_from(params: Params, source: str, config: ml_collections.ConfigDict,
         used += 1
     if not used:
         raise ValueError(f"{source} ({src_config.kind}) shares no parameter with the {model_config.kind} model")
+    if missing_frozen:
+        n_frozen = sum(1 for p in flat if frozen.search("/".join(p)))
+        what = (f"{source} lacks {len(missing_frozen)} of the model's {n_frozen} frozen parameters "
+                f"(optim.frozen {config.optim.frozen!r}): {', '.join(missing_frozen[:4])}"
+                f"{', ...' if len(missing_frozen) > 4 else ''}")
+        if not config.get("init_from_partial", False):
+            raise PartialInitError(f"{what}. They would keep their random init and never train. Initialise from a model "
+                             "of the same depths (e.g. a stage-I run with this model config), or set "
+                             "init_from_partial=True to train on random frozen parameters on purpose")
+        notes.append(f"{what}: left random (init_from_partial)")
     notes.insert(0, f"initialised {used} of {len(flat)} tensors from {source}")
     return traverse_util.unflatten_dict(flat), notes
 
@@ -168,23 +193,59 @@ def initial_state(trainer: Trainer, rng: jax.Array) -> tuple[TrainState, list[st
 
 # ---------------------------------------------------------------- data ----------------
 def _shards(spec: str) -> list[str]:
+    """Comma-separated globs, directories or files -> shard paths; an incomplete shard
+    set or a directory of several splits fails here, at start-up (`shard_sets`)."""
     paths: list[str] = []
     for part in [p for p in spec.split(",") if p]:
-        found = sorted(glob.glob(part))
-        if not found:
-            raise FileNotFoundError(f"no shards match {part!r}")
-        paths.extend(found)
+        paths.extend(sources.expand_paths(part))
     return paths
 
 
 def data_paths(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[list[str], list[str]]:
-    """Train/eval shard paths; makes the synthetic set when none are given."""
-    if config.data.train_shards:
-        return _shards(config.data.train_shards), _shards(config.data.eval_shards or config.data.train_shards)
-    from synchformer_jax import synthetic
+    """Train and eval shard paths: `data.train_shards` and `eval_data_paths`, or, with no
+    shards configured at all, the synthetic set (made on first use)."""
+    if not config.data.train_shards:
+        if config.data.eval_shards:
+            # Training on generated clips while scoring real ones is never what was meant.
+            raise ValueError(f"data.eval_shards is set ({config.data.eval_shards!r}) but data.train_shards is "
+                             "empty: set data.train_shards too (the synthetic set is used only when neither is set)")
+        from synchformer_jax.input import shards as shard_lib
+
+        out = _synthetic_set(config, workdir)
+        return ([str(p) for p in shard_lib.list_shards(out, split="train")],
+                [str(p) for p in shard_lib.list_shards(out, split="eval")])
+    return _shards(config.data.train_shards), eval_data_paths(config, workdir)
+
+
+def eval_data_spec(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> str:
+    """What an evaluation reads, as recorded in its results: `data.eval_shards`, else
+    `data.train_shards` (scoring the training clips), else the synthetic set's folder."""
+    spec = config.data.eval_shards or config.data.train_shards
+    if spec:
+        return spec
+    return f"synthetic eval split of {_synthetic_dir(config, workdir)}"
+
+
+def eval_data_paths(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> list[str]:
+    """The shard files an evaluation reads (`eval_data_spec`); the train shards need not
+    exist unless they are the evaluation set."""
+    spec = config.data.eval_shards or config.data.train_shards
+    if spec:
+        return _shards(spec)
     from synchformer_jax.input import shards as shard_lib
 
-    out = pathlib.Path(config.data.synthetic_dir or workdir / "synthetic")
+    return [str(p) for p in shard_lib.list_shards(_synthetic_set(config, workdir), split="eval")]
+
+
+def _synthetic_dir(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
+    return pathlib.Path(config.data.synthetic_dir or pathlib.Path(workdir) / "synthetic")
+
+
+def _synthetic_set(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
+    """The synthetic set's folder, rendered by process 0 on first use."""
+    from synchformer_jax import synthetic
+
+    out = _synthetic_dir(config, workdir)
     marker = out / "done.json"
     if jax.process_index() == 0 and not marker.exists():
         clip = config.data.get("synthetic_clip")
@@ -197,8 +258,7 @@ def data_paths(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tupl
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("synthetic data ready")
-    return ([str(p) for p in shard_lib.list_shards(out, split="train")],
-            [str(p) for p in shard_lib.list_shards(out, split="eval")])
+    return out
 
 
 def train_iterator(config, task: tasks.Task, paths: list[str]):
@@ -250,9 +310,22 @@ def _stage1_augment(spec: pipeline.ExampleSpec) -> pipeline.Stage1Augment:
         crop_size=crop, smaller_crop_size=round(crop * 192 / 224)))
 
 
-def eval_batches(config, task: tasks.Task, paths: list[str]) -> Iterator[dict]:
+@dataclasses.dataclass
+class EvalBatches:
+    """This host's evaluation batches (iterate once) and the number of clips they are
+    drawn from (an example's clip is `index % num_clips`, whatever the round or host)."""
+    batches: Iterator[dict]
+    num_clips: int
+
+    def __iter__(self) -> Iterator[dict]:
+        return self.batches
+
+
+def eval_batches(config, task: tasks.Task, paths: list[str]) -> EvalBatches:
     """This host's evaluation batches; the same number on every host, from either format
-    (`pipeline.eval_dataset` / `pipeline.tfrecord_eval_dataset` yield identical batches)."""
+    (`pipeline.eval_dataset` / `pipeline.tfrecord_eval_dataset` yield identical batches).
+    With `data.fixed_offsets`, a clip whose record has offset labels is scored at them,
+    one without at the seeded draw of the random protocol (`meta["offset"]` says which)."""
     fmt = config.data.get("format", "array_record")
     if fmt not in ("array_record", "tfrecord"):
         raise ValueError(f"data.format must be 'array_record' or 'tfrecord', got {fmt!r}")
@@ -263,11 +336,21 @@ def eval_batches(config, task: tasks.Task, paths: list[str]) -> Iterator[dict]:
     ds = make(paths, spec, batch_size=per_host, seed=config.seed, rounds=config.data.eval_rounds,
               fixed_offsets=fixed, process_index=jax.process_index(),
               process_count=jax.process_count(), read_threads=config.data.read_threads)
-    return iter(ds)
+    return EvalBatches(iter(ds), ds.num_clips)
 
 
 # ---------------------------------------------------------------- evaluation ----------
-def evaluate(trainer: Trainer, params: Params, batches: Iterator[dict], max_batches: int = 0) -> dict:
+class EmptyEvaluationError(ValueError):
+    """An evaluation that scored no clip: its metrics would be meaningless (accuracy 0.0)."""
+
+
+def evaluate(trainer: Trainer, params: Params, batches: Iterable[dict], max_batches: int = 0,
+             skips: Optional[pipeline.SkipReport] = None) -> dict:
+    """The stage's metrics over `batches`, plus `skipped_records` (summed over hosts),
+    `offsets_fixed` / `offsets_drawn` (clips scored at a record's fixed offset / at a
+    drawn one; stages with offsets) and, for `EvalBatches`, `clips_evaluated` (distinct
+    clips scored, across rounds and hosts). `skips` (this host's) receives the skipped
+    records' descriptions. Raises `EmptyEvaluationError` when nothing was scored."""
     from jax.experimental import multihost_utils
 
     stage = trainer.task.stage
@@ -282,15 +365,22 @@ def evaluate(trainer: Trainer, params: Params, batches: Iterator[dict], max_batc
         metrics = SynchronizabilityMetrics()
     else:
         metrics = OffsetMetrics(trainer.task.model_config.sync.num_offset_classes)
-    skips = pipeline.SkipReport()
+    skips = skips if skips is not None else pipeline.SkipReport()
+    skipped_before = skips.count
+    offset_counts = np.zeros(2, np.int64)  # this host's scored clips at (fixed, drawn) offsets
+    scored_indices = []
     for i, host_batch in enumerate(batches):
         if max_batches and i >= max_batches:
             break
         skips.update(host_batch)
+        host_mask = np.asarray(host_batch["mask"], bool)
+        offsets = np.asarray(host_batch.get("meta", {}).get("offset", np.full(len(host_mask), "")))[host_mask]
+        offset_counts += [np.sum(offsets == "fixed"), np.sum(offsets == "drawn")]
         batch = device_lib.host_to_global(host_batch, trainer.mesh, sharding.BATCH_AXES)
         out = trainer.predict_step(params, batch)
         out = multihost_utils.process_allgather(out, tiled=True)
         mask = np.asarray(multihost_utils.process_allgather(batch["mask"], tiled=True))
+        scored_indices.append(np.asarray(multihost_utils.process_allgather(batch["index"], tiled=True))[mask])
         if stage == experiment.STAGE_AVCLIP:
             metrics.update(out["video_emb"], out["audio_emb"], mask)
         else:
@@ -299,7 +389,21 @@ def evaluate(trainer: Trainer, params: Params, batches: Iterator[dict], max_batc
     result = metrics.result()
     # A broken record is in exactly one host's slice and `meta` stays on that host: the
     # sum over hosts counts each once.
-    result["skipped_records"] = int(np.sum(multihost_utils.process_allgather(np.int32(skips.count))))
+    per_host = np.concatenate([[skips.count - skipped_before], offset_counts]).astype(np.int32)
+    skipped, fixed, drawn = (int(x) for x in np.sum(
+        np.asarray(multihost_utils.process_allgather(per_host)).reshape(-1, 3), axis=0))
+    result["skipped_records"] = skipped
+    if fixed + drawn:
+        result["offsets_fixed"], result["offsets_drawn"] = fixed, drawn
+    num_clips = getattr(batches, "num_clips", None)
+    if num_clips:
+        scored = np.concatenate(scored_indices) if scored_indices else np.zeros(0, np.int64)
+        result["clips_evaluated"] = int(np.unique(scored.astype(np.int64) % num_clips).size)
+    if not result["count"]:
+        first = f" (the first: {skips.items[skipped_before]})" if skips.count > skipped_before else ""
+        raise EmptyEvaluationError(
+            f"the evaluation scored no clips: {skipped} records were skipped{first}" if skipped else
+            "the evaluation scored no clips: the evaluation data holds no records")
     return result
 
 
@@ -379,6 +483,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 f"({type(exc).__name__}: {exc}); resume with the data.format / data.tfrecord_access the run "
                 f"started with (TFRecord runs from before data.tfrecord_access existed: \"stream\")") from exc
         log.info("resumed from step %d", start)
+    if config.data.get("feature_cache", "") and trainer.task.stage == experiment.STAGE_SYNC:
+        # Only now are the run's frozen extractors known (init_from or the checkpoint).
+        from synchformer_jax import feature_cache
+        feature_cache.verify_for_training(
+            config.data.feature_cache, state.params, train_paths, extractors_from=config.init_from,
+            accept_other_shards=config.data.get("feature_cache_accept_other_shards", False))
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
 
@@ -389,13 +499,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     flops_per_step = None
     peak = float(config.train.get("peak_flops_per_device", 0.0)) * trainer.mesh.size
     preemption = _Preemption()
+    skip_log = SkipLog(workdir, jax.process_index(), jax.process_count())
     skips = pipeline.SkipReport()
+    skips.count = skip_log.resume(start)  # the count runs on across resumes, as skipped.jsonl does
+    eval_coverage = list_coverage(eval_paths)
     step = start
     final: dict = {}
     tick, tick_step = time.perf_counter(), step
     try:
         while step < config.train.num_steps:
             host_batch = next(data_iter)
+            skip_log.append("train", step + 1, host_batch.get("meta", {}).get("skipped", ()))
             skips.update(host_batch)
             batch = device_lib.host_to_global(host_batch, trainer.mesh, sharding.BATCH_AXES)
             if flops_per_step is None:
@@ -419,9 +533,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 log.info("step %d: %s", step, {k: round(v, 5) for k, v in record.items() if isinstance(v, float)})
             evaluate_now = step % config.train.eval_every == 0 or step == config.train.num_steps
             if evaluate_now:
-                final = evaluate(trainer, state.params, eval_batches(config, trainer.task, eval_paths),
-                                 config.train.eval_max_batches)
-                writer.write(step, {"phase": "eval", **{k: v for k, v in _json_safe(final).items()
+                eval_skips = pipeline.SkipReport()
+                try:
+                    final = evaluate(trainer, state.params, eval_batches(config, trainer.task, eval_paths),
+                                     config.train.eval_max_batches, skips=eval_skips)
+                finally:
+                    skip_log.append("eval", step, eval_skips.items)
+                if eval_coverage is not None:
+                    final.update(clips_listed=eval_coverage.listed, clips_missing=len(eval_coverage.missing))
+                    warning = eval_coverage.warning(final.get("clips_evaluated"))
+                    if warning:
+                        log.warning("eval at step %d: %s", step, warning)
+                writer.write(step, {"phase": "eval", **{k: v for k, v in json_safe(final).items()
                                                         if k != "roc_curve"}})
                 log.info("eval at step %d: %s", step, {k: v for k, v in final.items() if isinstance(v, float)})
             if step % config.train.checkpoint_every == 0 or step == config.train.num_steps or preemption.requested:
@@ -438,17 +561,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         ckpts.close()
         preemption.restore()
     if jax.process_index() == 0 and final:
-        (workdir / "eval_metrics.json").write_text(json.dumps({"step": step, **_json_safe(final)}, indent=1))
+        (workdir / "eval_metrics.json").write_text(json.dumps({"step": step, **json_safe(final)}, indent=1,
+                                                              allow_nan=False))
     return final
 
 
-def _json_safe(d: dict) -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, (np.floating, np.integer)):
-            v = v.item()
-        out[k] = v
-    return out
+def json_safe(value: Any) -> Any:
+    """Metrics as strict JSON values: numpy scalars as Python numbers, and NaN/inf (a
+    median over no class, an AUROC of one class) as null, which every JSON reader takes."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
 
 
 if __name__ == "__main__":

@@ -9,13 +9,20 @@
 * Broken records are skipped and listed in the manifest.
 * The training iterator restores exactly from `get_state()`, and splits across hosts.
 * `train.train_and_evaluate` with `data.feature_cache` trains and evaluates (raw eval).
+* The manifest records its source shards (size, mtime, sha256); a cache built by other
+  extractors or from other clips than the run's is refused at training start, a moved
+  copy of the sources is not, and `accept_other_shards` accepts only the shard difference.
 * The index stores each clip's anchor (its only event's time); the window curriculum
   draws only windows centred near it, keeps a centred share of later batches, resumes
   and splits exactly, and leaves the plain draw unchanged.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
+import pathlib
 import shutil
 
 import jax
@@ -182,7 +189,8 @@ def test_train_and_evaluate_with_feature_cache(data, model14, tmp_path):
     """Stage II from the cache, its extractors initialised from the model the cache was
     built from (`init_from`), evaluated on the raw clips."""
     config14, params, cache_dir, manifest = model14
-    config = th.small_config(experiment.STAGE_SYNC, data["shards"])
+    # The training shards are the cache's sources (checked at start: verify_for_training).
+    config = th.small_config(experiment.STAGE_SYNC, dict(data["shards"], train=data["train"][0]))
     config.model = config14.to_dict()
     config.init_from = str(data["root"] / "model14")
     config.train.num_steps = 3
@@ -198,6 +206,62 @@ def test_train_and_evaluate_with_feature_cache(data, model14, tmp_path):
     assert final["step"] == 3 and "accuracy_1" in final
     recs = th.read_metrics(workdir)
     assert sorted(recs) == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in recs.values())
+
+
+def test_manifest_records_the_source_shards(data, model14):
+    manifest = model14[3]
+    (rec,) = manifest["source_shard_files"]
+    path = data["train"][0]
+    assert rec["path"] == os.path.abspath(path) and rec["size"] == os.path.getsize(path)
+    assert rec["sha256"] == hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+
+
+def test_verify_for_training(data, model14, tmp_path, caplog):
+    _, params, cache_dir, _ = model14
+    source = data["train"][0]
+    fc.verify_for_training(cache_dir, params, [source])  # the run that built it: silent
+    # A copy elsewhere (another path and mtime) holds the same clips: hashed and accepted.
+    copy = tmp_path / "copy" / pathlib.Path(source).name
+    copy.parent.mkdir()
+    shutil.copyfile(source, copy)
+    fc.verify_for_training(cache_dir, params, [str(copy)])
+    # Other extractors (here: random, as with no init_from) are refused, whatever the shards.
+    other = _lively(params, seed=2)
+    with pytest.raises(fc.CacheMismatchError, match=r"cache14 does not fit.*sha256 [0-9a-f]{12}\.\.\., this run's "
+                                                    r"extractors \(from init_from stage1\) have [0-9a-f]{12}"):
+        fc.verify_for_training(cache_dir, other, [source], extractors_from="stage1", accept_other_shards=True)
+    # Other clips: the clean shard (the cache's source also holds a broken record) ...
+    clean = data["shards"]["train"]
+    with pytest.raises(fc.CacheMismatchError, match=r"configured shards not among its sources: .*"
+                                                    r"sources not configured: .*withbroken.*data.train_shards"):
+        fc.verify_for_training(cache_dir, params, [clean])
+    # ... or the source itself, rewritten since the build (same size, so it is hashed).
+    blob = bytearray(copy.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    shutil.copytree(cache_dir, tmp_path / "cache")
+    manifest = json.loads((tmp_path / "cache" / fc.MANIFEST).read_text())
+    manifest["source_shard_files"][0]["path"] = str(copy)  # as if built from the copy
+    (tmp_path / "cache" / fc.MANIFEST).write_text(json.dumps(manifest))
+    fc.verify_for_training(tmp_path / "cache", params, [str(copy)])
+    copy.write_bytes(bytes(blob))
+    with pytest.raises(fc.CacheMismatchError, match=r"changed since the cache was built: .*copy"):
+        fc.verify_for_training(tmp_path / "cache", params, [str(copy)])
+    # The switch accepts other shards (with a warning), never other extractors.
+    with caplog.at_level(logging.WARNING, logger="synchformer_jax.feature_cache"):
+        fc.verify_for_training(cache_dir, params, [clean], accept_other_shards=True)
+    assert "accepted (data.feature_cache_accept_other_shards)" in caplog.text
+
+
+def test_trainer_refuses_a_cache_of_other_extractors(data, model14, tmp_path):
+    """The audit's case: stage II from a cache while the run's own frozen extractors are
+    others (no init_from: random) stops before the first step, naming the cause."""
+    config14, _, cache_dir, _ = model14
+    config = th.small_config(experiment.STAGE_SYNC, dict(data["shards"], train=data["train"][0]))
+    config.model = config14.to_dict()
+    config.data.feature_cache = str(cache_dir)
+    with pytest.raises(fc.CacheMismatchError, match=r"randomly initialised: no init_from"):
+        train.train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "eval_metrics.json").exists()
 
 
 PULSE_ANCHORS = (3.48, 3.60)  # 0.04 s and 0.16 s from the nearest window centre (see _centre)

@@ -3,6 +3,8 @@ TFRecord streaming, and the device-side assembly."""
 import dataclasses
 import json
 import logging
+import os
+import shutil
 import struct
 
 import numpy as np
@@ -267,6 +269,57 @@ def test_damaged_array_record_bytes_do_not_stop_the_pipeline(data, tmp_path):
     # Riegeli's chunk hash catches it; the reader error costs only that record.
     assert n == 2 and report.count == 1
     assert "hash mismatch" in report.items[0] and f"{path}#1" in report.items[0]
+
+
+def _with_nan_audio(data: bytes) -> bytes:
+    rec = records.decode(data)
+    audio = np.array(rec.audio)
+    audio[1000:1003] = np.nan
+    audio[5000] = np.inf
+    return records.encode(dataclasses.replace(rec, clip_id="nan_clip", source="test:nan", audio=audio))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_a_clip_with_non_finite_audio_is_skipped_and_named(data, tmp_path, train):
+    """One NaN in a clip's PCM would turn a training step's loss NaN (and be scored in an
+    evaluation): it is a broken record, skipped and reported by clip id."""
+    path = tmp_path / shards.shard_name("nan", "train", "array_record", 0, 1)
+    shards.write_shard(path, [data["records"][0], _with_nan_audio(data["records"][1]), data["records"][2]])
+    spec = pl.ExampleSpec(stage="sync", train=train)
+    if train:
+        batches = list(pl.train_dataset([str(path)], spec, batch_size=1, seed=0, num_epochs=1))
+    else:
+        batches = list(pl.eval_dataset([str(path)], spec, batch_size=1, seed=0))
+    report = pl.SkipReport()
+    for b in batches:
+        report.update(b)
+    used = [str(c) for b in batches for c, m in zip(b["meta"]["clip_id"], b["mask"]) if m]
+    assert len(used) == 2 and "nan_clip" not in used
+    assert all(np.isfinite(b["audio"]).all() for b in batches)
+    assert report.count == 1
+    assert "'nan_clip' (test:nan)" in report.items[0] and "4 non-finite sample(s)" in report.items[0]
+
+
+def test_a_truncated_array_record_shard_costs_its_clips_not_the_run(data, tmp_path):
+    """The whole first shard is unreadable: training goes on with the other one and the
+    damage is reported (by shard) like a damaged record."""
+    copies = []
+    for p in data["train"]:
+        copies.append(str(tmp_path / os.path.basename(p)))
+        shutil.copy(p, copies[-1])
+    raw = open(copies[0], "rb").read()
+    open(copies[0], "wb").write(raw[: int(len(raw) * 0.6)])
+    spec = pl.ExampleSpec(stage="sync", train=False, hflip_p=0.0)
+    it = iter(pl.train_dataset(str(tmp_path / "*-train.array_record-*"), spec, batch_size=1, seed=0))
+    second = [records.decode(r).clip_id for r in _read_all([data["train"][1]])]
+    report = pl.SkipReport()
+    clips = []
+    for b in _take(it, 2 * len(second)):  # two epochs: the report of epoch 1 rides on a later example
+        report.update(b)
+        clips.extend(b["meta"]["clip_id"].tolist())
+    assert sorted(set(clips)) == sorted(second)
+    assert report.count >= 1
+    assert report.items[0].startswith(copies[0]) and "truncated or damaged" in report.items[0]
 
 
 # ------------------------------------------------------------------------ evaluation

@@ -219,6 +219,29 @@ def test_worker_crash_skips_only_that_clip(tmp_path):
     assert "crashed" in sp["skipped"][0]["reason"]
 
 
+def nan_audio_loader(path, *, clip_id, labels, max_duration_sec=None):
+    """`media.load_clip`, except that files named `nan*` come back with NaN samples, as a
+    loader reading damaged float PCM would give them."""
+    from synchformer_jax import media
+
+    rec = media.load_clip(path, clip_id=clip_id, labels=labels, max_duration_sec=max_duration_sec)
+    if os.path.basename(path).startswith("nan"):
+        rec.audio = np.array(rec.audio)
+        rec.audio[100:110] = np.nan
+    return rec
+
+
+def test_a_clip_with_non_finite_audio_is_skipped_and_listed(tmp_path):
+    src = make_folder(tmp_path / "in", n=2, broken=False, seconds=0.5)
+    make_video(src / "nan.mp4", seconds=0.5, seed=5)
+    m = prep.prepare([src], tmp_path / "out", shard_size=4, num_workers=0, progress=False,
+                     loader=nan_audio_loader).manifest
+    sp = m["splits"]["train"]
+    assert sp["num_records"] == 2 and [s["source"] for s in sp["skipped"]] == ["nan.mp4"]
+    assert "10 non-finite sample(s)" in sp["skipped"][0]["reason"]
+    assert sorted(r.clip_id for r in read_split(tmp_path / "out", "train")) == ["clip00", "sub/clip01"]
+
+
 # ------------------------------------------------------------------------- kill and resume
 
 def test_sigkill_then_rerun_gives_the_same_output(tmp_path):

@@ -37,3 +37,12 @@ def test_stereo_audio_is_refused():
     rec.audio = np.zeros((2, 10), np.float32)
     with pytest.raises(records.RecordError, match="mono"):
         records.encode(rec)
+
+
+def test_non_finite_audio_is_named():
+    rec = _record()
+    records.require_finite_audio(rec)  # finite: no error
+    rec.audio = np.array(rec.audio)
+    rec.audio[[800, 900]] = [np.nan, -np.inf]
+    with pytest.raises(records.RecordError, match=r"2 non-finite sample\(s\) \(NaN or inf\), the first at sample 800"):
+        records.require_finite_audio(rec)

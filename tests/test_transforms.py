@@ -332,6 +332,22 @@ def test_random_branch_short_clips():
     assert ok and failed
 
 
+
+@pytest.mark.parametrize("stage_one", [False, True])
+def test_a_clip_too_short_because_of_its_audio_says_so(stage_one):
+    """10 s of video with 3 s of audio: the crop sees 75 frames after trimming both
+    streams to the shorter, and the reason must blame the audio, not the video."""
+    plan = T.plan_segment_avclip_example if stage_one else T.plan_sync_example
+    with pytest.raises(ValueError) as err:
+        plan(250, 3 * 16000, 256, 256, train=True, rng=np.random.default_rng(0))
+    message = str(err.value)
+    assert message.startswith("audio too short: 48000 samples (3.00 s) against 250 video frames (10.00 s)")
+    assert "cut to 75 frames" in message
+    # A short video is still reported as it was.
+    with pytest.raises(ValueError, match=r"^video of 75 frames is not longer than the 125-frame crop$"):
+        T.plan_sync_example(75, 10 * 16000, 256, 256, train=True, rng=np.random.default_rng(0))
+
+
 # ------------------------------------------------------------------------ segments
 
 

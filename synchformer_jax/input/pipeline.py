@@ -9,8 +9,9 @@ Shape of a host batch (per host, `B` = per-host batch size):
     offset_target int32 [B], offset_sec / v_start_i_sec float32 [B]   (stages II, III)
     sync_target   int32 [B]                                            (stage III)
     index  int64   [B]                  global example number (round * N + clip in eval)
-    meta   dict    host-only: clip_id (str [B]), skipped (ids of broken records dropped
-                   since the previous batch); never sent to devices
+    meta   dict    host-only: clip_id (str [B]), offset (str [B]: "fixed", "drawn" or ""
+                   without offsets/padding), skipped (ids of broken records dropped since
+                   the previous batch); never sent to devices
 
 `V`, `A` are static per stage (`SegmentLayout`): stage II 120 frames / 76 800 samples
 (14 segments of 16 frames, stride 8), stage III 112 / 71 680 (13 segments), stage I
@@ -65,8 +66,9 @@ Pipelines:
   `augment=Stage1Augment()` for the official per-segment colour / flip / audio
   augmentations (`input.augment`). Stage III: `stage="synchronizability"`.
 
-Broken records (unreadable bytes, bad header, undecodable or too-short video) are
-logged with their clip id / source, counted in `meta["skipped"]` of the next batch
+Broken records (unreadable bytes or shards, bad header, NaN/inf audio, undecodable or
+too-short video or audio) are logged with their clip id / source (or shard), counted
+in `meta["skipped"]` of the next batch
 (in evaluation, of a padding row when nothing follows them; use `SkipReport` in the
 training and evaluation loops), and never stop the pipeline.
 """
@@ -248,14 +250,21 @@ def decode_video_bytes(mp4: bytes, *, start: int = 0, stop_after: Optional[int] 
 
 
 def _fixed_for(rec: records.ClipRecord, fixed: FixedOffsets) -> Optional[Tuple[float, float]]:
+    """The record's fixed (offset_sec, vstart_sec), or None: draw them (the random branch)."""
     if fixed is None:
         return None
     if isinstance(fixed, str):
         if fixed != "labels":
             raise ValueError(f"fixed_offsets must be None, 'labels' or a mapping, got {fixed!r}")
         lab = rec.labels
-        if "offset_sec" not in lab or "vstart_sec" not in lab:
-            raise ValueError("record has no labels offset_sec / vstart_sec for the fixed-offset protocol")
+        has = ("offset_sec" in lab, "vstart_sec" in lab)
+        if not any(has):
+            # A clip prepared from a plain id list or a folder carries no offset: it gets
+            # the draw the official evaluation makes without a fixed-offset list
+            # (`load_fixed_offsets_on=[]`), seeded per (round, clip) like every eval draw.
+            return None
+        if not all(has):
+            raise ValueError("record has only one of the labels offset_sec / vstart_sec")
         return float(lab["offset_sec"]), float(lab["vstart_sec"])
     if rec.clip_id not in fixed:
         raise ValueError("clip is not in the fixed-offset mapping")
@@ -273,6 +282,7 @@ def process_record(data, rng: Optional[np.random.Generator], spec: ExampleSpec, 
     try:
         rec = records.decode(data)
         clip = rec.clip_id or "?"
+        records.require_finite_audio(rec)
         if int(rec.fps) != transforms.VIDEO_FPS or int(rec.sample_rate) != transforms.AUDIO_RATE:
             raise ValueError(f"not at the input contract: {rec.fps} fps, {rec.sample_rate} Hz")
         with av.open(io.BytesIO(rec.video_mp4)) as container:
@@ -281,7 +291,8 @@ def process_record(data, rng: Optional[np.random.Generator], spec: ExampleSpec, 
             n_frames = int(rec.num_frames)
             if n_frames <= 0:
                 raise ValueError("record does not give num_frames")
-            plan = spec.plan(n_frames, int(rec.audio.shape[0]), height, width, rng, _fixed_for(rec, fixed))
+            fixed_offset = _fixed_for(rec, fixed)
+            plan = spec.plan(n_frames, int(rec.audio.shape[0]), height, width, rng, fixed_offset)
             layout = spec.layout
             fidx = plan.segment_frame_indices
             v0 = int(fidx[0, 0])
@@ -319,7 +330,10 @@ def process_record(data, rng: Optional[np.random.Generator], spec: ExampleSpec, 
             example["audio"] = melspec.log_mel_np(seg)
         example["mask"] = np.bool_(True)
         example["index"] = np.int64(index)
-        example["meta"] = {"clip_id": rec.clip_id}
+        # Where the offset came from ("fixed": the record's labels or a mapping, "drawn":
+        # the seeded random branch, "": a stage without offsets), for the evaluation report.
+        offset = "" if plan.temporal is None else ("drawn" if fixed_offset is None else "fixed")
+        example["meta"] = {"clip_id": rec.clip_id, "offset": offset}
         return example
     except AssertionError:
         raise  # an inconsistency in this code, not in the data: never hide it as a skip
@@ -346,7 +360,7 @@ def _empty_example(spec: ExampleSpec) -> Dict[str, Any]:
         ex.update(offset_target=np.int32(0), offset_sec=np.float32(0), v_start_i_sec=np.float32(0))
         if spec.stage == "synchronizability":
             ex["sync_target"] = np.int32(0)
-    ex.update(mask=np.bool_(False), index=np.int64(-1), meta={"clip_id": ""})
+    ex.update(mask=np.bool_(False), index=np.int64(-1), meta={"clip_id": "", "offset": ""})
     return ex
 
 
@@ -361,6 +375,7 @@ def collate(examples: Sequence[Dict[str, Any]], pad_to: Optional[int] = None,
     for e in examples:
         skipped.extend(e["meta"].get("skipped", ()))
     batch["meta"] = {"clip_id": np.array([e["meta"]["clip_id"] for e in examples]),
+                     "offset": np.array([e["meta"].get("offset", "") for e in examples]),
                      "skipped": skipped}
     return batch
 
@@ -621,8 +636,10 @@ def eval_dataset(paths, spec: ExampleSpec, *, batch_size: int, seed: int = 0, ro
 
     `fixed_offsets`: None (random offset per round, official `load_fixed_offsets_on=[]`
     with `iter_times=rounds`: 2 for LRS3, 25 for VGGSound-Sparse), `"labels"` (the
-    record's `offset_sec` / `vstart_sec`), or a `{clip_id: (offset_sec, vstart_sec)}`
-    mapping (`read_fixed_offsets_csv`). Every host yields
+    record's `offset_sec` / `vstart_sec`; a record without both draws as with None), or
+    a `{clip_id: (offset_sec, vstart_sec)}` mapping (`read_fixed_offsets_csv`).
+    `meta["offset"]` says per example which it got ("fixed" / "drawn"); the dataset's
+    `num_clips` is N (`index % N` is an example's clip). Every host yields
     `ceil(ceil(rounds * N / process_count) / batch_size)` batches (with `num_workers`
     > 1 a few more: each worker pads its own last batch, `_eval_num_batches`).
     """
@@ -681,8 +698,12 @@ def _eval_batches(src, spec: ExampleSpec, *, batch_size: int, seed: int, rounds:
     pad = _empty_example(spec)
     batch_fn = functools.partial(collate, pad_to=batch_size, pad_example=pad)
     it = _finish(it, batch_fn, batch_size, False, num_workers, per_worker_buffer, last_carrier=pad)
-    return _FixedCount(it, _eval_num_batches(total, process_count, batch_size, num_workers),
-                       collate([pad] * batch_size))
+    out = _FixedCount(it, _eval_num_batches(total, process_count, batch_size, num_workers),
+                      collate([pad] * batch_size))
+    # `index % num_clips` is an example's clip: what an evaluation needs to count the
+    # clips it scored across rounds and hosts.
+    out.num_clips = len(src)
+    return out
 
 
 def _eval_num_batches(total: int, process_count: int, batch_size: int, num_workers: int) -> int:

@@ -6,7 +6,11 @@ one damaged record in a dataset of millions costs one example, not the run; the
 pipeline counts and logs the markers (`pipeline.py`).
 
 * `ArrayRecordSource`: grain's `ArrayRecordDataSource` (random access over all shards,
-  so grain can shuffle globally and resume exactly) with per-record error capture.
+  so grain can shuffle globally and resume exactly) with per-record error capture; a
+  shard that cannot be opened at all takes one `Broken` slot instead of its records.
+
+`expand_paths` (from `shard_sets`) turns a glob / directory / list into the shard list,
+refusing incomplete shard sets and directories that hold several splits.
 * `TFRecordShardDataset`: a grain `IterDataset` over one TFRecord file, written here
   rather than `grain.experimental.TFRecordIterDataset` because that reader does not
   verify the CRCs (its source has a TODO), and a flipped bit in a video would
@@ -26,23 +30,26 @@ grain dataset with resumable state that turns damage into `Broken` markers.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
-import glob
 import logging
 import os
 import struct
 import threading
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Tuple
 
 import grain
 import numpy as np
 
-from synchformer_jax.input.shards import masked_crc32c
+from synchformer_jax.input.shard_sets import expand_paths, manifest_entry
+from synchformer_jax.input.shards import ShardError, masked_crc32c, parse_shard_name
 
 __all__ = ["Broken", "ArrayRecordSource", "TFRecordShardDataset", "TFRecordIndexedSource", "tfrecord_index",
            "expand_paths"]
 
 _log = logging.getLogger(__name__)
+_U64 = struct.Struct("<Q")  # TFRecord framing (see the module docstring)
+_U32 = struct.Struct("<I")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,79 +60,127 @@ class Broken:
     error: str
 
 
-def expand_paths(paths: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]) -> List[str]:
-    """A glob, a directory, one path or a list of them -> sorted file list.
-
-    Sorted so that every host and every restart sees the same shard order (the global
-    shuffle and the per-host slicing are defined on that order).
-    """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    out: List[str] = []
-    for p in paths:
-        p = os.fspath(p)
-        if os.path.isdir(p):
-            out.extend(sorted(os.path.join(p, f) for f in os.listdir(p)))
-        elif any(c in p for c in "*?["):
-            out.extend(sorted(glob.glob(p)))
-        else:
-            out.append(p)
-    if not out:
-        raise FileNotFoundError(f"no shards match {paths}")
-    return sorted(out)
-
-
 # ------------------------------------------------------------------------- ArrayRecord
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShardSpan:
+    """A whole shard with its record count, as grain's `FileInstruction`: given these,
+    grain does not open every shard a second time to count its records."""
+    filename: str
+    skip: int
+    take: int
+    examples_in_shard: int
+
+
+_OPEN_THREADS = 16  # shards opened side by side at start-up (network storage: latency-bound)
+
+
+def _open_array_record(path: str) -> Tuple[Optional[int], str]:
+    """`(num_records, "")` of one shard, or `(None, what is wrong)`.
+
+    Riegeli reads a file's tail (the postscript) when the reader is closed, so a
+    truncated shard opens with 0 records and fails only at `close()`; both are tried.
+    """
+    from array_record.python.array_record_module import ArrayRecordReader  # noqa: PLC0415
+
+    try:
+        reader = ArrayRecordReader(path)
+        n = reader.num_records()
+        reader.close()
+        return int(n), ""
+    except Exception as exc:  # noqa: BLE001 - the library raises bare RuntimeErrors
+        problem = " ".join(str(exc).split())
+    if _looks_like_tfrecord(path):
+        return None, "holds TFRecord records, not ArrayRecord (check data.format and the shard glob)"
+    return None, f"not a readable ArrayRecord file, truncated or damaged ({problem})"
+
+
+def _looks_like_tfrecord(path: str) -> bool:
+    """True when the file starts with a TFRecord header whose length CRC checks out."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        return False
+    return len(head) == 12 and masked_crc32c(head[:8]) == _U32.unpack_from(head, 8)[0]
 
 
 class ArrayRecordSource:
     """Random-access source over ArrayRecord shards; unreadable records -> `Broken`.
+
+    A shard that cannot be opened at all (truncated, damaged tail, another format under
+    an ArrayRecord name) does not stop the run either: it is reported loudly at start-up
+    with the number of clips lost (from `manifest.json` when prepare wrote one), and
+    takes one slot in place of its records that reads as `Broken`, so it is also counted
+    and named in the pipeline's skip reports, like a TFRecord shard whose framing breaks
+    (`TFRecordIndexedSource`). Without damage, index `i` is the same record as in grain's
+    `ArrayRecordDataSource` over the same files, so resumes and shuffles are unchanged.
+    A file *named* as a TFRecord shard is a configuration error (`ValueError`).
 
     Picklable (grain re-opens the files in each worker process).
     """
 
     def __init__(self, paths):
         self._paths = expand_paths(paths)
-        self._src = grain.sources.ArrayRecordDataSource(self._paths)
+        for p in self._paths:
+            info = parse_shard_name(p)
+            if info and info["format"] != "array_record":
+                raise ValueError(f"{p} is a {info['format']} shard, not ArrayRecord (check data.format)")
+        with concurrent.futures.ThreadPoolExecutor(min(_OPEN_THREADS, len(self._paths))) as pool:
+            opened = list(pool.map(_open_array_record, self._paths))
+        self._damaged = {}
+        for shard, (path, (n, problem)) in enumerate(zip(self._paths, opened)):
+            if n is None:
+                self._damaged[shard] = Broken(path, f"{problem}; {_lost(path)} skipped")
+                _log.warning("ArrayRecord shard %s: %s; %s skipped", path, problem, _lost(path))
+        if len(self._damaged) == len(self._paths):
+            raise ShardError(f"none of the {len(self._paths)} ArrayRecord shard(s) can be read; the first, "
+                             f"{self._paths[0]}: {self._damaged[0].error}")
+        counts = [1 if n is None else n for n, _ in opened]
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        # Where each readable shard begins inside grain's source (damaged shards are left out of it).
+        readable = [n is not None for n, _ in opened]
+        self._grain_starts = np.concatenate([[0], np.cumsum([n or 0 for n, _ in opened])]).astype(np.int64)
+        self._src = grain.sources.ArrayRecordDataSource(
+            [_ShardSpan(p, 0, n, n) for p, (n, _), ok in zip(self._paths, opened, readable) if ok])
 
     @property
     def paths(self) -> List[str]:
         return list(self._paths)
 
     def __len__(self) -> int:
-        return len(self._src)
+        return int(self._starts[-1])
+
+    def _locate(self, index: int) -> Tuple[int, int]:
+        """`(shard, index in the shard)` of a global index."""
+        shard = int(np.searchsorted(self._starts, index, side="right") - 1)
+        return shard, index - int(self._starts[shard])
 
     def __getitem__(self, index: int):
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"record {index} outside 0..{len(self) - 1}")
+        shard, local = self._locate(index)
+        if shard in self._damaged:
+            return self._damaged[shard]
         try:
-            return self._src[index]
+            return self._src[int(self._grain_starts[shard]) + local]
         except Exception as exc:  # noqa: BLE001 - any reader failure must only cost this record
-            return Broken(self._where(index), f"{type(exc).__name__}: {exc}")
-
-    def _where(self, index: int) -> str:
-        """`path#local_index` of a global index (only computed for a failure)."""
-        from array_record.python.array_record_module import ArrayRecordReader  # noqa: PLC0415
-
-        start = 0
-        for p in self._paths:
-            try:
-                reader = ArrayRecordReader(p)
-                n = reader.num_records()
-                reader.close()
-            except Exception:  # noqa: BLE001
-                break
-            if index < start + n:
-                return f"{p}#{index - start}"
-            start += n
-        return f"record {index} of {len(self._paths)} ArrayRecord shard(s)"
+            return Broken(f"{self._paths[shard]}#{local}", f"{type(exc).__name__}: {exc}")
 
     def __repr__(self) -> str:
         return f"ArrayRecordSource({len(self._paths)} shards, {len(self)} records)"
 
 
-# --------------------------------------------------------------------------- TFRecord
+def _lost(path: str) -> str:
+    entry = manifest_entry(path)
+    if entry and entry.get("num_records") is not None:
+        return f"its {entry['num_records']} clip(s) (per manifest.json) are"
+    return "its clips (count unknown: no manifest.json lists it) are"
 
-_U64 = struct.Struct("<Q")
-_U32 = struct.Struct("<I")
+
+# --------------------------------------------------------------------------- TFRecord
 
 
 class _TFRecordIterator(grain.DatasetIterator):

@@ -127,6 +127,22 @@ def equalify_from_right(n_frames: int, n_samples: int, video_fps: float = VIDEO_
     return v_len, a_len
 
 
+def _blame_short_audio(exc: ValueError, n_frames: int, n_samples: int, v_len: int,
+                      video_fps: float = VIDEO_FPS, audio_rate: int = AUDIO_RATE,
+                      clip_max_len_sec: float = 10.0) -> ValueError:
+    """`exc` (a clip too short for the crop or segments), saying so when the audio made it short.
+
+    The crops see the lengths after `equalify_from_right`, so a 10-s video with 3 s of
+    audio fails as "video of 75 frames ...": true of the trimmed clip, misleading about
+    the file, whose video is fine and whose audio is what is missing.
+    """
+    a_sec, v_sec = n_samples / audio_rate, n_frames / video_fps
+    if a_sec >= min(v_sec, clip_max_len_sec):
+        return exc
+    return ValueError(f"audio too short: {n_samples} samples ({a_sec:.2f} s) against {n_frames} video frames "
+                      f"({v_sec:.2f} s), so both streams are cut to {v_len} frames: {exc}")
+
+
 # -------------------------------------------------------------------------- spatial crop
 
 
@@ -581,17 +597,20 @@ def plan_sync_example(n_frames: int, n_samples: int, height: int, width: int, *,
     v_len, a_len = equalify_from_right(n_frames, n_samples, video_fps, audio_rate, clip_max_len_sec)
     top_left = spatial_crop(height, width, crop_size, rng if train else None)
     jitter = max_jitter_sec if train else 0.0
-    if synchronizability:
-        temporal = synchronizability_crop(
-            v_len, a_len, video_fps=video_fps, audio_rate=audio_rate, n_segments=n_segments,
-            segment_size_vframes=segment_size_vframes, step_size_seg=step_size_seg,
-            max_off_sec=max_off_sec, grid_size=grid_size, max_jitter_sec=jitter,
-            offset_sec=offset_sec, v_start_i_sec=v_start_i_sec, rng=rng)
-    else:
-        temporal = temporal_crop_and_offset(
-            v_len, a_len, video_fps=video_fps, audio_rate=audio_rate, crop_len_sec=crop_len_sec,
-            max_off_sec=max_off_sec, grid_size=grid_size, max_jitter_sec=jitter,
-            offset_sec=offset_sec, v_start_i_sec=v_start_i_sec, rng=rng)
+    try:
+        if synchronizability:
+            temporal = synchronizability_crop(
+                v_len, a_len, video_fps=video_fps, audio_rate=audio_rate, n_segments=n_segments,
+                segment_size_vframes=segment_size_vframes, step_size_seg=step_size_seg,
+                max_off_sec=max_off_sec, grid_size=grid_size, max_jitter_sec=jitter,
+                offset_sec=offset_sec, v_start_i_sec=v_start_i_sec, rng=rng)
+        else:
+            temporal = temporal_crop_and_offset(
+                v_len, a_len, video_fps=video_fps, audio_rate=audio_rate, crop_len_sec=crop_len_sec,
+                max_off_sec=max_off_sec, grid_size=grid_size, max_jitter_sec=jitter,
+                offset_sec=offset_sec, v_start_i_sec=v_start_i_sec, rng=rng)
+    except ValueError as exc:
+        raise _blame_short_audio(exc, n_frames, n_samples, v_len, video_fps, audio_rate, clip_max_len_sec) from None
     segments = generate_segments(
         temporal.v_crop_len, temporal.a_crop_len, video_fps=video_fps, audio_rate=audio_rate,
         segment_size_vframes=segment_size_vframes, n_segments=n_segments,
@@ -618,10 +637,13 @@ def plan_segment_avclip_example(n_frames: int, n_samples: int, height: int, widt
     rng = _as_rng(rng)  # one generator for all steps (an int seed must not restart each)
     v_len, a_len = equalify_from_right(n_frames, n_samples, video_fps, audio_rate, clip_max_len_sec)
     top_left = spatial_crop(height, width, crop_size, rng if train else None)
-    segments = generate_segments(
-        v_len, a_len, video_fps=video_fps, audio_rate=audio_rate,
-        segment_size_vframes=segment_size_vframes, n_segments=n_segments, step_size_seg=1.0,
-        is_start_random=train, audio_jitter_sec=audio_jitter_sec if train else 0.0, rng=rng)
+    try:
+        segments = generate_segments(
+            v_len, a_len, video_fps=video_fps, audio_rate=audio_rate,
+            segment_size_vframes=segment_size_vframes, n_segments=n_segments, step_size_seg=1.0,
+            is_start_random=train, audio_jitter_sec=audio_jitter_sec if train else 0.0, rng=rng)
+    except ValueError as exc:
+        raise _blame_short_audio(exc, n_frames, n_samples, v_len, video_fps, audio_rate, clip_max_len_sec) from None
     return ExamplePlan(v_len, a_len, top_left, _pair(crop_size), None, segments, False)
 
 
