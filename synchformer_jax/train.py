@@ -90,7 +90,7 @@ def init_from(params: Params, source: str, config: ml_collections.ConfigDict,
     The parameters `source` lacks keep their random init. That is the point for the
     trainable ones (stage II's new sync transformer), and a silent failure for frozen
     ones (`optim.frozen`: a shallower stage-I run leaves the extra extractor blocks random
-    and never trained), so those raise a ValueError naming them, unless the config sets
+    and never trained), so those raise `PartialInitError` naming them, unless the config sets
     `init_from_partial = True` (random frozen parameters on purpose, e.g. an ablation).
     """
     from synchformer_jax import pretrained as model_files
@@ -127,9 +127,9 @@ def init_from(params: Params, source: str, config: ml_collections.ConfigDict,
                 f"(optim.frozen {config.optim.frozen!r}): {', '.join(missing_frozen[:4])}"
                 f"{', ...' if len(missing_frozen) > 4 else ''}")
         if not config.get("init_from_partial", False):
-            raise PartialInitError(f"{what}. They would keep their random init and never train. Initialise from a model "
-                             "of the same depths (e.g. a stage-I run with this model config), or set "
-                             "init_from_partial=True to train on random frozen parameters on purpose")
+            raise PartialInitError(f"{what}. They would keep their random init and never train. Initialise from "
+                                   "a model of the same depths (e.g. a stage-I run with this model config), or "
+                                   "set init_from_partial=True to train on random frozen parameters on purpose")
         notes.append(f"{what}: left random (init_from_partial)")
     notes.insert(0, f"initialised {used} of {len(flat)} tensors from {source}")
     return traverse_util.unflatten_dict(flat), notes
