@@ -188,7 +188,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()):
     config_flags.DEFINE_config_file("config", default=None, flag_values=fv, lock_config=True, sys_argv=argv)
     try:
         fv(argv)
-        return fv.config
+        config = fv.config
     except (AttributeError, KeyError) as e:  # unknown field: name the whole path, keep the suggestion
         bad = _unknown_override(spec, overrides)
         hint = re.search(r"Did you mean [^?]*\?", str(e).replace("\\", ""))
@@ -204,6 +204,13 @@ def load_config(spec: str, overrides: Sequence[str] = ()):
         raise ConfigError(message) from e
     except Exception as e:  # errors raised by the config file itself
         raise ConfigError(f"{spec}: {type(e).__name__}: {e}") from e
+    from synchformer_jax import experiment
+
+    try:
+        experiment.check_values(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return config
 
 
 def _is_number(text: str) -> bool:

@@ -141,3 +141,29 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     """The architecture a config describes, with the training compute dtype."""
     model = ModelConfig.from_dict(config.model.to_dict())
     return model.replace(dtype=config.train.compute_dtype)
+
+
+# Values a misspelling would otherwise turn into something else without a word
+# ("globl" negatives read as global). `train.best_metric` is checked against the first
+# evaluation's keys (train.py): they depend on the stage's evaluators.
+_CHOICES = {
+    "stage": STAGES,
+    "train.negatives": ("device", "global"),
+    "optim.name": ("adam", "adamw"),
+    "data.format": ("array_record", "tfrecord"),
+    "data.tfrecord_access": ("indexed", "stream"),
+}
+def check_values(config: ml_collections.ConfigDict) -> None:
+    """Raise ValueError for a config value outside its choices (names the field and them)."""
+    import re
+
+    for field, choices in _CHOICES.items():
+        value = config
+        for part in field.split("."):
+            value = value.get(part) if hasattr(value, "get") else None
+        if value is not None and value not in choices:
+            raise ValueError(f"{field}={value!r}: choose one of {', '.join(map(str, choices))}")
+    try:
+        re.compile(config.optim.frozen)
+    except re.error as e:
+        raise ValueError(f"optim.frozen={config.optim.frozen!r} is not a regular expression ({e})") from None

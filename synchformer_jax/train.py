@@ -547,6 +547,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 writer.write(step, {"phase": "eval", **{k: v for k, v in json_safe(final).items()
                                                         if k != "roc_curve"}})
                 log.info("eval at step %d: %s", step, {k: v for k, v in final.items() if isinstance(v, float)})
+                best = config.train.best_metric
+                if best and best not in final:
+                    # A misspelt metric would silently never save a best checkpoint.
+                    raise ValueError(f"train.best_metric={best!r} is not reported by this evaluation; it reports "
+                                     + ", ".join(sorted(k for k, v in final.items() if isinstance(v, (int, float)))))
             if step % config.train.checkpoint_every == 0 or step == config.train.num_steps or preemption.requested:
                 ckpts.save(step, state, data_iter.get_state(), config, force=True)
                 if evaluate_now and config.train.best_metric in final:

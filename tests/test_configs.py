@@ -122,6 +122,21 @@ def test_bad_override_is_an_error_naming_the_field(override, names):
         assert name in str(e.value)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("--config.train.negatives=globl", "train.negatives='globl': choose one of device, global"),
+    ("--config.optim.name=adamx", "optim.name='adamx': choose one of adam, adamw"),
+    ("--config.data.format=arrayrecord", "data.format='arrayrecord': choose one of array_record, tfrecord"),
+    ("--config.data.tfrecord_access=streem", "data.tfrecord_access='streem'"),
+    ("--config.stage=sync2", "stage='sync2'"),
+    ("--config.optim.frozen=^(vfeat", "optim.frozen='^(vfeat' is not a regular expression"),
+])
+def test_values_outside_their_choices_are_errors(override, message):
+    # Well-typed but misspelt: "globl" used to mean global negatives without a word.
+    with pytest.raises(cli.ConfigError) as e:
+        cli.load_config(_spec("sync.py:lrs3"), [override])
+    assert message in str(e.value)
+
+
 def test_bad_config_argument_and_path():
     with pytest.raises(cli.ConfigError, match="unknown dataset 'kinetics'"):
         cli.load_config(_spec("sync.py:kinetics"))

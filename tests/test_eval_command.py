@@ -223,3 +223,13 @@ def test_training_persists_skips_across_a_resume(data, tmp_path):
     eval_metrics = _strict_json((workdir / "eval_metrics.json").read_text())
     assert eval_metrics["clips_listed"] == 1 and eval_metrics["clips_missing"] == 0
     assert eval_metrics["clips_evaluated"] == 1 and eval_metrics["offsets_fixed"] == 1
+
+
+def test_misspelt_best_metric_is_an_error_at_the_first_evaluation(data, tmp_path):
+    """`train.best_metric` names a key of the stage's evaluation; a misspelt one used to
+    mean no best checkpoint, ever, without a word."""
+    shards = {"train": f"{data['ids']},{data['fixed']}", "eval": data["fixed"]}
+    config = th.small_config(experiment.STAGE_SYNC, shards, **{"train.num_steps": 1, "train.checkpoint_every": 1,
+                                                                 "train.best_metric": "acc1"})
+    with pytest.raises(ValueError, match=r"train.best_metric='acc1' is not reported .*accuracy_1"):
+        train.train_and_evaluate(config, tmp_path / "run")
