@@ -89,7 +89,8 @@ def read_provenance(directory: str | os.PathLike) -> dict[str, Any]:
 
 def load_model(path: str | os.PathLike, *, overrides: Optional[Mapping[str, Any]] = None,
                modules: Optional[Iterable[str]] = None) -> LoadedModel:
-    """Params and config from a model folder or an official checkpoint file.
+    """Params and config from a model folder, a training workdir (its best checkpoint,
+    else its latest) or an official checkpoint file.
 
     `overrides` (dotted `ModelConfig` names) fix sizes a state dict does not store, such
     as head counts of unofficial widths; `modules` converts only some top-level modules
@@ -97,6 +98,8 @@ def load_model(path: str | os.PathLike, *, overrides: Optional[Mapping[str, Any]
     model, that MMAudio conditions on).
     """
     path = pathlib.Path(path)
+    if path.is_dir() and (path / "checkpoints").is_dir() and not (path / CONFIG_FILE).exists():
+        return _load_workdir(path, overrides)
     if path.is_dir():
         return _load_folder(path, overrides)
     if not path.exists():
@@ -111,6 +114,27 @@ def load_model(path: str | os.PathLike, *, overrides: Optional[Mapping[str, Any]
         config = _with_overrides(path, config, overrides)
     converted = convert_torch.torch_to_flax(state_dict, config, modules=modules)
     return LoadedModel(converted.config, converted.params, converted.passthrough, converted.notes)
+
+
+def _load_workdir(workdir: pathlib.Path, overrides: Optional[Mapping[str, Any]]) -> LoadedModel:
+    """A training workdir: its best checkpoint if it has one (`train.best_metric`), else
+    its latest, so that `predict` / `export` / `convert` take a run as it is."""
+    from synchformer_jax import checkpoint
+
+    errors = []
+    for which in (checkpoint.BEST, checkpoint.CHECKPOINTS):
+        if not (workdir / which).is_dir():
+            continue
+        try:
+            params, config = checkpoint.restore_params(workdir, which)
+            break
+        except (FileNotFoundError, ValueError) as e:  # e.g. no best step saved yet
+            errors.append(f"{which}/: {e}")
+    else:
+        raise CheckpointError(f"{workdir}: no usable checkpoint ({'; '.join(errors)})")
+    if overrides:
+        config = _with_overrides(workdir, config, overrides)
+    return LoadedModel(config, jax.tree.map(np.asarray, params), {}, [f"the {which} checkpoint of training run {workdir}"])
 
 
 def _with_overrides(path, config: ModelConfig, overrides: Mapping[str, Any]) -> ModelConfig:

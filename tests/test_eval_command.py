@@ -233,3 +233,23 @@ def test_misspelt_best_metric_is_an_error_at_the_first_evaluation(data, tmp_path
                                                                  "train.best_metric": "acc1"})
     with pytest.raises(ValueError, match=r"train.best_metric='acc1' is not reported .*accuracy_1"):
         train.train_and_evaluate(config, tmp_path / "run")
+
+
+def test_a_training_workdir_is_a_model_for_convert_and_predict(data, tmp_path, capsys):
+    """`predict` / `export` / `convert` take a run's workdir as it is (its best checkpoint,
+    else its latest): no Python needed between training and using the model."""
+    from synchformer_jax import checkpoint
+
+    shards = {"train": f"{data['ids']},{data['fixed']}", "eval": data["fixed"]}
+    config = th.small_config(experiment.STAGE_SYNC, shards, **{"train.num_steps": 1, "train.checkpoint_every": 1})
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(config, workdir)
+    loaded = pretrained.load_model(workdir)
+    params, model_config = checkpoint.restore_params(workdir, checkpoint.BEST)
+    assert loaded.config == model_config
+    jax.tree.map(np.testing.assert_array_equal, loaded.params, params)
+    assert cli.main(["convert", str(workdir), "--out", str(tmp_path / "model")]) == 0, capsys.readouterr().err
+    assert pretrained.load_model(tmp_path / "model").config == model_config
+    with pytest.raises(pretrained.CheckpointError, match="no usable checkpoint"):
+        (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+        pretrained.load_model(tmp_path / "empty")
