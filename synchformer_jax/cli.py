@@ -474,7 +474,7 @@ def cmd_desync(args: argparse.Namespace) -> int:
 
     def on_excluded(item) -> None:
         tag = "error" if item.kind == "error" else "note"
-        tqdm.write(f"{tag}: {_one_line(item.line())}", file=sys.stderr)
+        tqdm.write(f"{tag}: {item.line()}", file=sys.stderr)
 
     report = desync_eval.evaluate_desync(
         config, loaded.params, args.video_dir, args.audio_dir, clip_sec=args.audio_length, names=args.names,
@@ -503,10 +503,6 @@ def cmd_desync(args: argparse.Namespace) -> int:
         out.write_text(json.dumps(doc, indent=1) + "\n")
         print(f"wrote {out}")
     return 1 if errors or report.desync_sec is None else 0
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
 
 
 def _add_desync_parser(sub) -> None:

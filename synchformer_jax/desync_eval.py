@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
+from synchformer_jax import media
 from synchformer_jax.input import resample
 
 SCHEMA = "synchformer-jax/desync/1"
@@ -122,29 +123,6 @@ def decode_sync_frames(path: str | os.PathLike, num_frames: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- audio
 
-# Integer sample formats and the divisor that maps them to [-1, 1) as torchaudio.load does
-# (normalize=True): full scale of the signed type; u8 is offset binary around 128.
-_INT_SCALE = {"s16": 2.0 ** 15, "s32": 2.0 ** 31, "s64": 2.0 ** 63}
-
-
-def _frame_to_float(frame) -> np.ndarray:
-    """One decoded PyAV audio frame -> float32 `[channels, samples]` in [-1, 1]."""
-    name = frame.format.name
-    base = name[:-1] if name.endswith("p") else name
-    x = frame.to_ndarray()
-    channels = len(frame.layout.channels)
-    if not frame.format.is_planar:  # packed: [1, samples * channels], interleaved
-        x = x.reshape(-1, channels).T
-    if base in ("flt", "dbl"):
-        return x.astype(np.float32)
-    if base == "u8":
-        return ((x.astype(np.float64) - 128.0) / 128.0).astype(np.float32)
-    if base in _INT_SCALE:
-        # float64 then one rounding to float32: the value FFmpeg's int->float conversion gives.
-        return (x.astype(np.float64) / _INT_SCALE[base]).astype(np.float32)
-    raise ValueError(f"unsupported sample format {name}")
-
-
 def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     """`(float32 [channels, N] in [-1, 1], sample_rate)` of the best audio stream of `path`
     (wav, flac, or anything FFmpeg reads), scaled like `torchaudio.load`."""
@@ -163,7 +141,7 @@ def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
                     rate = int(frame.sample_rate)
                 elif int(frame.sample_rate) != rate:
                     raise DesyncFileError(path, f"the sample rate changes ({rate} -> {frame.sample_rate} Hz)")
-                chunk = _frame_to_float(frame)
+                chunk = media._audio_to_float_planar(frame)  # FFmpeg's int -> float scaling, as torchaudio.load
                 if chunks and chunk.shape[0] != chunks[0].shape[0]:
                     raise DesyncFileError(path, "the channel count changes")
                 chunks.append(chunk)
@@ -226,7 +204,7 @@ class Excluded:
     reason: str
 
     def line(self) -> str:
-        return f"{self.path}: {self.reason}"
+        return _one_line(f"{self.path}: {self.reason}")
 
 
 @dataclasses.dataclass

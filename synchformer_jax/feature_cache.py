@@ -74,6 +74,7 @@ import numpy as np
 
 from synchformer_jax import records
 from synchformer_jax.input import transforms
+from synchformer_jax.input.shards import sha256_file
 
 __all__ = ["CacheGrid", "grid_for", "official_deviation", "encode_entry", "decode_entry",
            "build_feature_cache", "FeatureCache", "CacheTrainIterator", "train_iterator",
@@ -460,20 +461,12 @@ class CacheMismatchError(ValueError):
     """The cache was not computed by this run's frozen extractors from its training shards."""
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def shard_record(path) -> Dict[str, Any]:
     """What the manifest keeps of one source shard: absolute path, size, mtime, sha256.
     The hash is one more sequential read of a shard the build decodes whole anyway."""
     st = os.stat(path)
     return {"path": os.path.abspath(path), "size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns),
-            "sha256": _file_sha256(path)}
+            "sha256": sha256_file(path)}
 
 
 def _shard_digest(path: str, recorded_by_path: Dict[str, dict], recorded_sizes: set) -> Optional[str]:
@@ -485,7 +478,7 @@ def _shard_digest(path: str, recorded_by_path: Dict[str, dict], recorded_sizes: 
         return rec["sha256"]
     if st.st_size not in recorded_sizes:
         return None
-    return _file_sha256(path)
+    return sha256_file(path)
 
 
 def _shard_problems(manifest: dict, source_shards: Sequence[str]) -> List[str]:

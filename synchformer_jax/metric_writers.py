@@ -41,23 +41,23 @@ def _is_main_process(process_index: int | None) -> bool:
     return process_index == 0
 
 
-def _to_python(value):
+def json_values(value):
     """Plain JSON-able Python from numpy/jax scalars and arrays, recursively.
 
     Non-finite floats become None: strict JSON has no NaN/Infinity, and readers such as
     `jq` or JavaScript reject Python's `NaN` extension.
     """
     if isinstance(value, dict):
-        return {str(k): _to_python(v) for k, v in value.items()}
+        return {str(k): json_values(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_to_python(v) for v in value]
+        return [json_values(v) for v in value]
     if isinstance(value, (str, bool)) or value is None:
         return value
     if hasattr(value, "__array__") and not isinstance(value, numbers.Number):
         arr = np.asarray(value)
-        return _to_python(arr.tolist()) if arr.ndim else _to_python(arr.item())
+        return json_values(arr.tolist()) if arr.ndim else json_values(arr.item())
     if isinstance(value, np.generic):
-        return _to_python(value.item())
+        return json_values(value.item())
     if isinstance(value, numbers.Integral):
         return int(value)
     if isinstance(value, numbers.Real):
@@ -127,7 +127,7 @@ class JsonlWriter(MetricWriter):
     def write(self, step: int, metrics: dict) -> None:
         if self._f is None:
             return
-        record = {"step": int(step), **_to_python(dict(metrics))}
+        record = {"step": int(step), **json_values(dict(metrics))}
         self._f.write(json.dumps(record, allow_nan=False) + "\n")
         self._f.flush()
 

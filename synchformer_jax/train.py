@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from synchformer_jax import experiment, optim, sharding, tasks
+from synchformer_jax import experiment, metric_writers, optim, sharding, tasks
 from synchformer_jax.evaluators.coverage import list_coverage
 from synchformer_jax.evaluators.offset import OffsetMetrics
 from synchformer_jax.input import device as device_lib
@@ -572,17 +572,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
 
 def json_safe(value: Any) -> Any:
-    """Metrics as strict JSON values: numpy scalars as Python numbers, and NaN/inf (a
-    median over no class, an AUROC of one class) as null, which every JSON reader takes."""
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (np.floating, np.integer, np.bool_)):
-        value = value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
+    """Metrics as strict JSON values (numpy scalars as Python numbers, NaN/inf as null):
+    the metric log's conversion, so that both files read the same."""
+    return metric_writers.json_values(value)
 
 
 if __name__ == "__main__":
