@@ -33,14 +33,18 @@ def _options(keep: int, name: str, best_metric: Optional[str] = None, best_mode:
     return ocp.CheckpointManagerOptions(**kw)
 
 
+def _handlers() -> dict:
+    return {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+            "config": ocp.JsonCheckpointHandler()}
+
+
 class RunCheckpoints:
     def __init__(self, workdir: str | pathlib.Path, keep: int = 3, best_metric: str = "", best_mode: str = "max"):
         workdir = pathlib.Path(workdir).absolute()
-        names = ("state", "data", "config")
         self.latest = ocp.CheckpointManager(workdir / CHECKPOINTS, options=_options(keep, CHECKPOINTS),
-                                            item_names=names)
+                                            item_handlers=_handlers())
         self.best = (ocp.CheckpointManager(workdir / BEST, options=_options(1, BEST, best_metric, best_mode),
-                                           item_names=names) if best_metric else None)
+                                           item_handlers=_handlers()) if best_metric else None)
 
     def latest_step(self) -> Optional[int]:
         return self.latest.latest_step()
@@ -64,6 +68,10 @@ class RunCheckpoints:
         out = self.latest.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         return out.state, out.data
+
+    def saved_config(self, step: int) -> dict:
+        """The config that wrote `step` (as JSON values)."""
+        return self.latest.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
     def wait(self) -> None:
         self.latest.wait_until_finished()
@@ -97,8 +105,7 @@ def restore_on_host(workdir: str | pathlib.Path, which: str = CHECKPOINTS,
     restored onto one local device instead of the saved layout.
     """
     directory = pathlib.Path(workdir).absolute() / which
-    handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
-                "config": ocp.JsonCheckpointHandler()}
+    handlers = _handlers()
     with ocp.CheckpointManager(directory, item_names=tuple(handlers), item_handlers=handlers) as mngr:
         step = mngr.latest_step() if step is None else step
         if step is None:

@@ -593,9 +593,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - the training errors below, raised before or after any step
-        from synchformer_jax import feature_cache, train
+        from synchformer_jax import feature_cache, resume, train
 
-        if isinstance(e, (feature_cache.CacheMismatchError, train.PartialInitError)):
+        if isinstance(e, (feature_cache.CacheMismatchError, train.PartialInitError, resume.ResumeError)):
             print(f"error: {e}", file=sys.stderr)  # the set-up does not fit: fix the config
             return 2
         if isinstance(e, train.EmptyEvaluationError):

@@ -5,7 +5,8 @@ parameters and optimizer state), the state is donated, the step's randomness is 
 seed folded with the step number (a resumed run draws the same numbers), and the loss
 is checked for finiteness. Only the trainable subset is differentiated and carries
 optimizer state. Checkpoints hold the train state, the data iterator state and the
-config; a restart resumes from the latest complete one by itself.
+config; a restart resumes from the latest complete one by itself, refusing a changed
+model or pipeline state and recording any other change of the config (`resume`).
 """
 from __future__ import annotations
 
@@ -455,7 +456,7 @@ def _compile_step(trainer: Trainer, state: TrainState, batch: dict, rng: jax.Arr
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     """Train `config.train.num_steps` steps (resuming from `workdir` if it holds a run),
     evaluating every `eval_every` steps and at the end. Returns the final metrics."""
-    from synchformer_jax import checkpoint
+    from synchformer_jax import checkpoint, resume
 
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -470,18 +471,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             log.info(note)
         start = 0
     else:
+        changed = resume.changes(ckpts.saved_config(start), config)
+        resume.check_architecture(workdir, start, changed)
         abstract = checkpoint.abstract_with_shardings(
             _abstract_state(trainer.task, trainer.tx, config.optim.frozen), trainer.state_shardings)
-        state, data_state = ckpts.restore(start, abstract)
+        try:
+            state, data_state = ckpts.restore(start, abstract)
+        except (ValueError, KeyError, TypeError) as exc:  # orbax: another tree or other shapes
+            raise resume.state_error(workdir, start, changed, exc) from exc
         try:
             data_iter.set_state(data_state)
-        except (KeyError, TypeError) as exc:
-            # The likely cause: a TFRecord run started before "indexed" became the default
-            # (its checkpoints hold a stream state); a bare KeyError would not say so.
-            raise ValueError(
-                f"{workdir}: the checkpointed data iterator state does not fit this data pipeline "
-                f"({type(exc).__name__}: {exc}); resume with the data.format / data.tfrecord_access the run "
-                f"started with (TFRecord runs from before data.tfrecord_access existed: \"stream\")") from exc
+        except (KeyError, TypeError, IndexError, ValueError) as exc:  # grain: another pipeline's state
+            raise resume.iterator_error(workdir, start, changed, exc) from exc
+        resume.record(workdir, start, changed, write=jax.process_index() == 0)
         log.info("resumed from step %d", start)
     if config.data.get("feature_cache", "") and trainer.task.stage == experiment.STAGE_SYNC:
         # Only now are the run's frozen extractors known (init_from or the checkpoint).

@@ -18,12 +18,13 @@ import json
 import pathlib
 import random
 import re
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
-from synchformer_jax import checkpoint, experiment
+from synchformer_jax import checkpoint, experiment, resume
 from tests import train_helpers as th
 
 NUM_STEPS = 6
@@ -181,3 +182,68 @@ def test_non_finite_loss_stops_training(shards, cache_dir, tmp_path):
     assert sorted(th.read_metrics(tmp_path / "run")) == list(range(1, bad_step))  # the bad step logged nothing
     _, state, _, _ = checkpoint.restore_on_host(tmp_path / "run")
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
+
+
+def _restart_with(resume_config, uninterrupted, cache_dir, tmp_path, name: str, **overrides):
+    """Restart a copy of the finished uninterrupted run with a changed config:
+    `(exit code, log, workdir)`."""
+    workdir = tmp_path / name
+    shutil.copytree(uninterrupted, workdir)
+    config = json.loads(pathlib.Path(resume_config).read_text())
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        assert leaf in node, key
+        node[leaf] = value
+    config_path = tmp_path / f"{name}.json"
+    config_path.write_text(json.dumps(config))
+    run = th.Driver(config_path, workdir, tmp_path / f"{name}.log", local_devices=DEVICES, cache_dir=cache_dir)
+    rc = run.wait()
+    return rc, run.log_path.read_text(), workdir
+
+
+@pytest.mark.parametrize("overrides, says", [
+    # Another model: refused before orbax (a head count restores the same arrays).
+    ({"model.sync.n_head": 4}, "was trained as another model; changed: model.sync.n_head: 2 -> 4; "
+                               "put the checkpoint's values back (--config.model.sync.n_head=2)"),
+    # Another optimizer-state tree (no clipping transform): named as the cause.
+    ({"optim.clip_norm": 0.0}, "changed since it was written: optim.clip_norm: 1.0 -> 0.0; put the "
+                               "checkpoint's values back (--config.optim.clip_norm=1.0)"),
+    # Another data pipeline (grain's per-worker state): the value to resume with.
+    ({"data.num_workers": 2}, "was written by another data pipeline (data.num_workers: 0 -> 2); "
+                              "resume with --config.data.num_workers=0"),
+])
+def test_a_restart_that_cannot_continue_the_run_names_the_changed_keys(resume_config, uninterrupted, cache_dir,
+                                                                      tmp_path, overrides, says):
+    rc, out, workdir = _restart_with(resume_config, uninterrupted, cache_dir, tmp_path, "changed",
+                                     **{"train.num_steps": NUM_STEPS + 1, **overrides})
+    assert rc != 0
+    assert "ResumeError" in out and says in out, out[-3000:]
+    assert _complete_steps(workdir) == _complete_steps(uninterrupted)  # nothing written
+    assert not (workdir / "config_changes.jsonl").exists()
+
+
+def test_a_restart_with_other_settings_resumes_and_records_them(resume_config, uninterrupted, cache_dir, tmp_path):
+    """A longer schedule with another learning rate resumes from the last step; the
+    changes are logged, appended to config_changes.jsonl, and config.json and the new
+    checkpoint hold the new values."""
+    rc, out, workdir = _restart_with(resume_config, uninterrupted, cache_dir, tmp_path, "longer",
+                                     **{"train.num_steps": NUM_STEPS + 1, "optim.lr": 5e-5})
+    assert rc == 0, out[-3000:]
+    assert "resuming step 6 with a changed config: optim.lr: 0.0001 -> 5e-05; train.num_steps: 6 -> 7" in out
+    assert resume.history(workdir) == [{"step": NUM_STEPS, "changes": {"optim.lr": [1e-4, 5e-5],
+                                                                       "train.num_steps": [NUM_STEPS, NUM_STEPS + 1]}}]
+    assert json.loads((workdir / "config.json").read_text())["optim"]["lr"] == 5e-5
+    step, _, _, saved = checkpoint.restore_on_host(workdir)
+    assert step == NUM_STEPS + 1 and saved["optim"]["lr"] == 5e-5
+
+
+def test_config_changes_compare_only_keys_both_configs_have():
+    saved = {"model": {"sync": {"n_head": 2}}, "data": {"crop": [1, 2], "gone": 1}, "seed": 1}
+    current = {"model": {"sync": {"n_head": 2, "new_key": True}}, "data": {"crop": (1, 2)}, "seed": 7}
+    found = resume.changes(saved, current)
+    assert [(c.key, c.before, c.after) for c in found] == [("seed", 1, 7)]  # tuples are lists in JSON
+    assert found[0].put_back() == "--config.seed=1"
+    assert resume.Change("init_from", "", "x").put_back() == "--config.init_from=''"
