@@ -40,9 +40,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.data.fixed_offsets = False
     c.data.eval_rounds = 1
     # scripts/test_syncability.py: VGGSoundSparsePickedCleanTest minus the 10 clips
-    # shorter than 9.6 s, 25 random rounds.
+    # shorter than 9.6 s, 25 random rounds; `prepare --list vggsound_sparse_syncability_test`.
     c.test = ml_collections.ConfigDict()
-    c.test.shards = "records/vggsound_sparse/vggsound_sparse-test.array_record-*"
+    c.test.shards = "records/vggsound_sparse_syncability/vggsound_sparse_syncability-test.array_record-*"
     c.test.rounds = 25
     c.test.fixed_offsets = False
 

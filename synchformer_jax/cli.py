@@ -102,7 +102,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             list_format=args.list_format, media_root=args.media_root, num_workers=args.workers,
             shard_size=args.shard_size, exclude=args.exclude or (),
             meta=args.meta or (), max_duration_sec=args.max_duration_sec,
-            min_duration_sec=args.min_duration_sec, overwrite=args.overwrite, progress=not args.no_progress)
+            min_duration_sec=args.min_duration_sec, overwrite=args.overwrite, progress=not args.no_progress,
+            named_list=args.named_list)
     except prepare.PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -155,6 +156,12 @@ def _add_prepare_parser(sub) -> None:
                    help="filter list file or folder of lists whose ids are left out (repeatable)")
     p.add_argument("--meta", action="append", metavar="CSV",
                    help="class labels for list inputs: VGGSound's vggsound.csv (repeatable)")
+    from synchformer_jax import datasets
+
+    p.add_argument("--list", dest="named_list", metavar="NAME", choices=tuple(datasets.NAMED_LISTS),
+                   help="a list the official code assembles from several files: INPUT is the folder of the "
+                        "official data/ files, --meta VGGSound's vggsound.csv (default INPUT/vggsound.csv); "
+                        + "; ".join(f"{k}: {v.official}" for k, v in datasets.NAMED_LISTS.items()))
     p.add_argument("--max-duration-sec", type=float, help="keep at most this much of each clip")
     p.add_argument("--min-duration-sec", type=float, help="skip clips shorter than this (official: 9)")
     p.add_argument("--overwrite", action="store_true", help="replace a split prepared from other inputs")

@@ -15,6 +15,12 @@ Formats (facts from the official repository's `data/` folder):
 * `vggsound_sparse_clean_fixed_offsets.csv`: header
   `dataset_name,video_id,vstart_sec,offset_sec,is_sync`; only `is_sync == 1` rows are used.
 * Filter lists `filtered_examples_*/ *.txt`: one id per line (some with `.mp4`).
+* `picked_sparse_classes.csv` (tab separated, header `class  is_sparse`): the 12
+  VGGSound-Sparse classes are the rows marked `y`.
+
+Named lists (`NAMED_LISTS`, `build_named_list`) are the lists the official code assembles
+from several of these files rather than reads from one: the VGGSound-Sparse (Picked, Clean)
+test set and the synchronizability test set (the same minus 10 clips < 9.6 s).
 
 Media files live at `<root>/<id>.mp4` (for LRS3 the id already holds
 `pretrain/<video>/<clip>`; AudioSet ids use the long folder name on disk). Nothing here
@@ -166,10 +172,10 @@ def parse_vggsound_meta(path: PathLike) -> dict[str, dict]:
     out = {}
     for lineno, r in rows:
         try:
-            start = int(r[1])
+            start, label = int(r[1]), r[2]
         except (IndexError, ValueError):
             raise ListError(f"{path}:{lineno}: expected ytid,start_sec,label,split, got {r!r}") from None
-        out[f"{r[0]}_{start * 1000}_{(start + 10) * 1000}"] = {"label": r[2], "target": target[r[2]]}
+        out[f"{r[0]}_{start * 1000}_{(start + 10) * 1000}"] = {"label": label, "target": target[label]}
     return out
 
 
@@ -199,6 +205,183 @@ def parse_filter_lists(paths: Iterable[PathLike]) -> dict[str, str]:
         for _, line in _lines(f):
             out.setdefault(canonical_id(line[:-4] if line.endswith(".mp4") else line), f.name)
     return out
+
+
+# --------------------------------------------------------------------------- named lists
+
+# scripts/test_syncability.py, get_set_of_video_ids_shorter_than_9_6_sec (official code at
+# OFFICIAL_COMMIT): the synchronizability test leaves these VGGSound-Sparse clips out as
+# shorter than 9.6 s. Facts copied from there (the script writes them with ".mp4").
+SYNCABILITY_SHORT_CLIPS = frozenset({
+    "-7tYmeOmsRg_180000_190000", "1_Q80fDGLRM_10000_20000", "8qsCZLEoA1Q_4000_14000",
+    "F9bJVVYgFl4_73000_83000", "KQAR_64a35I_11000_21000", "TgJHM5oSWio_8000_18000",
+    "U9PyY8Ldf9A_5000_15000", "aUfDxRelPHg_22000_32000", "cLpDBj--as0_8000_18000",
+    "cRT5SWbyA54_4000_14000",
+})
+SYNCABILITY_SHORT_REASON = "shorter than 9.6 s (scripts/test_syncability.py)"
+
+
+@dataclasses.dataclass(frozen=True)
+class NamedList:
+    """A clip list the official code assembles from several files of its `data/` folder.
+
+    The files are found by their official names in one folder (the layout `fetch_official`
+    writes); the VGGSound meta `vggsound.csv` may live elsewhere.
+    """
+    dataset: str  # dataset name of the shards
+    split: str
+    split_list: str  # the VGGSound split ids
+    classes: str  # TSV `class<TAB>is_sparse`: the classes marked `y` are kept
+    filters: tuple[str, ...]  # folders whose every *.txt removes meta rows (official filter_bad_examples)
+    drop: frozenset = frozenset()  # further clip ids removed after that
+    drop_reason: str = ""
+    official: str = ""  # what it reproduces
+
+    def official_files(self) -> list[str]:
+        """The OFFICIAL_FILES / OFFICIAL_GIT_BLOBS names it reads (fetch them with `fetch_official`)."""
+        names = [self.split_list, self.classes, "vggsound.csv"]
+        names += sorted(n for n in OFFICIAL_FILES if n.split("/")[0] in self.filters)
+        return names
+
+
+_SPARSE_FILTERS = ("filtered_examples_vggsound", "filtered_examples_vggsound_extra")
+NAMED_LISTS = {
+    "vggsound_sparse_test": NamedList(
+        "vggsound_sparse", "test", "vggsound_test.txt", "picked_sparse_classes.csv", _SPARSE_FILTERS,
+        official="dataset/vggsound.py: VGGSoundSparsePickedCleanTest('test'), the README's VGGSound-Sparse"),
+    "vggsound_sparse_syncability_test": NamedList(
+        "vggsound_sparse_syncability", "test", "vggsound_test.txt", "picked_sparse_classes.csv",
+        _SPARSE_FILTERS, SYNCABILITY_SHORT_CLIPS, SYNCABILITY_SHORT_REASON,
+        official="scripts/test_syncability.py: VGGSoundSparsePickedCleanTest('test') minus the clips "
+                 "shorter than 9.6 s"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaRow:
+    lineno: int
+    ytid: str
+    clip_id: str  # `<ytid>_<start*1000>_<(start+10)*1000>`
+    label: str
+
+
+def read_vggsound_meta_rows(path: PathLike) -> list[MetaRow]:
+    """`vggsound.csv` rows in file order, read as the official code reads them
+    (`csv.reader(quotechar='"')`, no header; the split column is not needed)."""
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = [(i, r) for i, r in enumerate(csv.reader(f, quotechar='"'), 1) if r]
+    if not rows:
+        raise ListError(f"{path}: empty; expected VGGSound's vggsound.csv (ytid,start_sec,label,split)")
+    out = []
+    for lineno, r in rows:
+        try:
+            start = int(r[1])
+            label = r[2]
+        except (IndexError, ValueError):
+            raise ListError(f"{path}:{lineno}: expected VGGSound's ytid,start_sec,label,split "
+                            f"(no header), got {r!r}") from None
+        if not re.fullmatch(_YT, r[0]):
+            raise ListError(f"{path}:{lineno}: {r[0]!r} is not an 11-character YouTube id")
+        out.append(MetaRow(lineno, r[0], f"{r[0]}_{start * 1000}_{(start + 10) * 1000}", label))
+    return out
+
+
+def parse_sparse_classes(path: PathLike) -> list[str]:
+    """`picked_sparse_classes.csv` / `sparse_classes.csv` (tab separated `class,is_sparse`, with a
+    header) -> the sorted classes marked `y`; a class's position is its VGGSound-Sparse target."""
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = [(i, r) for i, r in enumerate(csv.reader(f, quotechar='"', delimiter="\t"), 1) if r]
+    for lineno, r in rows:
+        if len(r) < 2:
+            raise ListError(f"{path}:{lineno}: expected class<TAB>is_sparse, got {r!r}")
+    classes = sorted({r[0] for _, r in rows if r[1] == "y"})
+    if not classes:
+        raise ListError(f"{path}: no class is marked 'y' in its is_sparse column")
+    return classes
+
+
+def official_filter_ids(folder: PathLike) -> dict[str, str]:
+    """Every line of every `*.txt` in `folder` -> the file's name, compared verbatim as the
+    official `filter_bad_examples` does (a line written `<id>.mp4` then matches no clip;
+    `parse_filter_lists` normalises those, which can differ for the class of a YouTube id)."""
+    out: dict[str, str] = {}
+    for f in sorted(pathlib.Path(folder).glob("*.txt")):
+        with open(f, encoding="utf-8") as fh:
+            for line in fh.read().splitlines():
+                out.setdefault(line, f.name)
+    return out
+
+
+def _official_path(official_dir: pathlib.Path, name: str, what: str) -> pathlib.Path:
+    path = official_dir / name
+    if not path.exists():
+        raise ListError(f"{path}: missing ({what}); get it with "
+                        f"synchformer_jax.datasets.fetch_official({name!r}, {str(official_dir)!r})")
+    return path
+
+
+def build_named_list(name: str, official_dir: PathLike, meta: Optional[PathLike] = None
+                     ) -> tuple[list[ListEntry], dict[str, str]]:
+    """One of NAMED_LISTS, exactly as the official code assembles it.
+
+    `official_dir` holds the official `data/` files under their names; `meta` is VGGSound's
+    `vggsound.csv` (default `<official_dir>/vggsound.csv`). The rules, from
+    `dataset/vggsound.py` (VGGSound -> VGGSoundSparse -> VGGSoundSparsePickedCleanTest):
+
+    1. meta rows whose clip id is a line of a filter list are dropped (`filter_bad_examples`;
+       both `filtered_examples_vggsound/` and `filtered_examples_vggsound_extra/`);
+    2. a clip's class is the label of the *last* remaining meta row of its YouTube id
+       (`video2target` is keyed by the 11-character id);
+    3. the clips are the split list's ids that have a remaining meta row (the csv's split
+       column is not read), sorted;
+    4. only the classes marked `y` in `picked_sparse_classes.csv` are kept; labels become
+       `{"label": class, "target": its index among the sorted picked classes}`;
+    5. then the list's `drop` ids go (`scripts/test_syncability.py`: 10 clips < 9.6 s).
+
+    Returns the entries (sorted by id) and, for reporting, {clip id: why it is not listed}
+    of the split's clips of a picked class (by their own meta row) that the rules removed.
+    `vggsound_sparse_clean.csv` plays no part (only the fixed-offset variant has its own CSV).
+    """
+    if name not in NAMED_LISTS:
+        raise ListError(f"unknown list {name!r}; known: {', '.join(NAMED_LISTS)}")
+    nl = NAMED_LISTS[name]
+    official_dir = pathlib.Path(official_dir)
+    if not official_dir.is_dir():
+        raise ListError(f"{official_dir}: not a folder (expected the official data/ files)")
+    split_ids = parse_vggsound_list(_official_path(official_dir, nl.split_list, "VGGSound split ids"))
+    classes = parse_sparse_classes(_official_path(official_dir, nl.classes, "the picked classes"))
+    bad: dict[str, str] = {}
+    for folder in nl.filters:
+        _official_path(official_dir, folder, "official filter lists")
+        for fname in (n for n in OFFICIAL_FILES if n.split("/")[0] == folder):
+            _official_path(official_dir, fname, "official filter list")  # a partial copy would filter less
+        for clip, list_name in official_filter_ids(official_dir / folder).items():
+            bad.setdefault(clip, list_name)
+    meta_path = pathlib.Path(meta) if meta is not None else _official_path(
+        official_dir, "vggsound.csv", "VGGSound meta; or pass its path")
+    rows = read_vggsound_meta_rows(meta_path)
+    absent = sorted(set(classes) - {r.label for r in rows})
+    if absent:
+        raise ListError(f"{meta_path}: has no row of {len(absent)} of the {len(classes)} classes of "
+                        f"{nl.classes} ({', '.join(map(repr, absent[:3]))}{', ...' if len(absent) > 3 else ''}); "
+                        "expected VGGSound's vggsound.csv")
+
+    kept = [r for r in rows if r.clip_id not in bad]
+    ytid_label = {r.ytid: r.label for r in kept}  # the last row of an id wins, as in the official dict
+    available = {r.clip_id for r in kept}
+    target = {c: t for t, c in enumerate(classes)}
+    entries, dropped = [], {}
+    own_label = {r.clip_id: r.label for r in rows}
+    for clip in sorted(set(split_ids)):
+        if clip in available and ytid_label[clip[:11]] in target:
+            if clip in nl.drop:
+                dropped[clip] = nl.drop_reason
+            else:
+                label = ytid_label[clip[:11]]
+                entries.append(ListEntry(clip, {"label": label, "target": target[label]}))
+        elif own_label.get(clip) in target:  # a picked clip the rules removed: say why
+            dropped[clip] = bad.get(clip, "class of its YouTube id (last vggsound.csv row) is not picked")
+    return entries, dropped
 
 
 # --------------------------------------------------------------------------- detection
@@ -285,10 +468,10 @@ class ChecksumError(IOError):
 
 
 # The official repository's `data/` files at a pinned commit, with their sha256 (computed
-# from the repository at that commit). Files absent here (vggsound.csv, audioset.csv, a
-# few AudioSet filter lists and the train fixed offsets of VGGSound / AudioSet) are too
-# large for the snapshot the checksums came from: fetch them with `fetch` and a checksum
-# you computed from a copy you trust.
+# from the repository at that commit). Files absent here (audioset.csv, a few AudioSet
+# filter lists and the train fixed offsets of VGGSound / AudioSet) are too large for the
+# snapshot the checksums came from: fetch them with `fetch` and a checksum you computed
+# from a copy you trust. `vggsound.csv` is pinned by its git blob id instead (below).
 OFFICIAL_COMMIT = "b66668a1521d7567cc760e5544b2b5b53179b687"
 OFFICIAL_BASE_URL = f"https://raw.githubusercontent.com/v-iashin/Synchformer/{OFFICIAL_COMMIT}/data/"
 OFFICIAL_FILES = {
@@ -334,35 +517,65 @@ OFFICIAL_FILES = {
 }
 
 
+# Official files whose sha256 is not known here, pinned by their git blob id in the tree of
+# OFFICIAL_COMMIT (`git ls-tree`): SHA-1 of b"blob <size>\0" + content, as `git hash-object`.
+# vggsound.csv is VGGSound's meta (also published at
+# https://www.robots.ox.ac.uk/~vgg/data/vggsound/vggsound.csv, not verified to be identical);
+# the official code reads this copy.
+OFFICIAL_GIT_BLOBS = {
+    "vggsound.csv": "dbcbf5b74781d564a456af5587cd85227a4517aa",
+}
+
+
 def fetch_official(name: str, dest_dir: PathLike, *, base_url: str = OFFICIAL_BASE_URL) -> pathlib.Path:
-    """Download one official list (a key of OFFICIAL_FILES) to `dest_dir/<name>`, verified."""
+    """Download one official file (a key of OFFICIAL_FILES or OFFICIAL_GIT_BLOBS) to
+    `dest_dir/<name>`, verified."""
+    dest = pathlib.Path(dest_dir, *name.split("/"))
+    if name in OFFICIAL_GIT_BLOBS:
+        return fetch(base_url + name, dest, git_blob_sha1=OFFICIAL_GIT_BLOBS[name])
     if name not in OFFICIAL_FILES:
-        raise KeyError(f"{name!r} is not a known official file; known: {', '.join(sorted(OFFICIAL_FILES))}")
-    return fetch(base_url + name, pathlib.Path(dest_dir, *name.split("/")), OFFICIAL_FILES[name])
+        known = sorted({*OFFICIAL_FILES, *OFFICIAL_GIT_BLOBS})
+        raise KeyError(f"{name!r} is not a known official file; known: {', '.join(known)}")
+    return fetch(base_url + name, dest, OFFICIAL_FILES[name])
 
 
-def fetch(url: str, dest: PathLike, sha256: str, *, timeout: float = 60.0) -> pathlib.Path:
+def git_blob_id(path: PathLike) -> str:
+    """The id git gives the file's content (`git hash-object`)."""
+    h = hashlib.sha1(b"blob %d\0" % os.path.getsize(path))  # noqa: S324 - git's id, not a security hash
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch(url: str, dest: PathLike, sha256: Optional[str] = None, *, git_blob_sha1: Optional[str] = None,
+          timeout: float = 60.0) -> pathlib.Path:
     """Download `url` to `dest` unless it is already there with the right checksum.
 
-    The sha256 is required: lists decide what is evaluated, so a silently changed file
-    would change reported numbers. The file appears under `dest` only once verified.
+    A checksum is required, the sha256 or (for files known only by their git id) the git
+    blob id: lists decide what is evaluated, so a silently changed file would change
+    reported numbers. The file appears under `dest` only once verified.
     """
     dest = pathlib.Path(dest)
-    expected = sha256.lower().strip()
-    if not re.fullmatch(r"[0-9a-f]{64}", expected):
-        raise ValueError(f"sha256 {sha256!r} is not 64 hex digits")
-    if dest.is_file() and sha256_file(dest) == expected:
+    if (sha256 is None) == (git_blob_sha1 is None):
+        raise ValueError("give exactly one checksum: sha256 or git_blob_sha1")
+    kind, digits, digest = (("sha256", 64, sha256_file) if sha256 is not None
+                            else ("git blob id", 40, git_blob_id))
+    given = sha256 if sha256 is not None else git_blob_sha1
+    expected = given.lower().strip()
+    if not re.fullmatch(rf"[0-9a-f]{{{digits}}}", expected):
+        raise ValueError(f"{kind} {given!r} is not {digits} hex digits")
+    if dest.is_file() and digest(dest) == expected:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
     try:
-        h = hashlib.sha256()
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             for block in iter(lambda: response.read(1 << 20), b""):
-                h.update(block)
                 out.write(block)
-        if h.hexdigest() != expected:
-            raise ChecksumError(f"{url}: sha256 {h.hexdigest()} does not match the expected {expected}")
+        actual = digest(tmp)
+        if actual != expected:
+            raise ChecksumError(f"{url}: {kind} {actual} does not match the expected {expected}")
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):

@@ -178,7 +178,8 @@ def plan_inputs(inputs: Sequence[PathLike], *, fmt: str = "array_record", split:
                 name: Optional[str] = None, list_format: str = "auto", media_root: Optional[PathLike] = None,
                 shard_size: int = DEFAULT_SHARD_SIZE, exclude: Sequence[PathLike] = (),
                 meta: Sequence[PathLike] = (), max_duration_sec: Optional[float] = None,
-                min_duration_sec: Optional[float] = None, out_dir: Optional[PathLike] = None) -> Plan:
+                min_duration_sec: Optional[float] = None, out_dir: Optional[PathLike] = None,
+                named_list: Optional[str] = None) -> Plan:
     """Inputs -> deterministic Plan. Raises PrepareError for arguments that cannot work.
 
     Each input is a folder (searched recursively; every non-hidden file is tried, since
@@ -188,6 +189,12 @@ def plan_inputs(inputs: Sequence[PathLike], *, fmt: str = "array_record", split:
     extension; list entries -> the list's id, read from `<media_root>/<id>.mp4`
     (`media_root` defaults to the list's folder); single files -> the file stem.
     `meta` files (VGGSound's `vggsound.csv`) add class labels to list entries.
+
+    `named_list` (a key of `datasets.NAMED_LISTS`): the one input is the folder of the
+    official `data/` files and the clips are the list `datasets.build_named_list` assembles
+    from them and `meta` (at most one file; default `<folder>/vggsound.csv`), read from
+    `media_root` (required); split and name default to the list's. Clips its rules remove
+    (filter lists, short clips) are counted as excluded, not listed.
     """
     if fmt not in shards.FORMATS:
         raise PrepareError(f"unknown format {fmt!r}; expected one of {', '.join(shards.FORMATS)}")
@@ -209,7 +216,7 @@ def plan_inputs(inputs: Sequence[PathLike], *, fmt: str = "array_record", split:
     except (OSError, UnicodeDecodeError, datasets.ListError) as e:
         raise PrepareError(f"filter list: {e}") from None
     class_labels: dict[str, dict] = {}
-    for m in meta:
+    for m in (() if named_list else meta):
         try:
             class_labels.update(datasets.parse_vggsound_meta(m))
         except (OSError, UnicodeDecodeError, datasets.ListError) as e:
@@ -219,6 +226,12 @@ def plan_inputs(inputs: Sequence[PathLike], *, fmt: str = "array_record", split:
     planning_skips: dict[str, list[dict]] = collections.defaultdict(list)
     dataset_names: set[str] = set()
     out_dirs = [pathlib.Path(out_dir)] if out_dir is not None else []
+    named_excluded: dict[str, str] = {}
+    if named_list is not None:
+        raw, named_excluded = _named_list_inputs(named_list, inputs, split=split, list_format=list_format,
+                                                 media_root=media_root, meta=meta)
+        name = name or datasets.NAMED_LISTS[named_list].dataset
+        inputs = ()
     for item in inputs:
         path = pathlib.Path(item)
         if not path.exists():
@@ -257,6 +270,8 @@ def plan_inputs(inputs: Sequence[PathLike], *, fmt: str = "array_record", split:
 
     per_split: dict[str, dict[str, Job]] = collections.defaultdict(dict)
     excluded: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    if named_excluded:
+        excluded[split or datasets.NAMED_LISTS[named_list].split].update(named_excluded.values())
     for clip_id, fpath, source, labels, sp in raw:
         if not _is_utf8(fpath):
             planning_skips[sp].append({"clip_id": None, "source": safe_repr(fpath),
@@ -284,6 +299,37 @@ def plan_inputs(inputs: Sequence[PathLike], *, fmt: str = "array_record", split:
         jobs = sorted(per_split.get(sp, {}).values(), key=lambda j: j.clip_id)
         splits[sp] = SplitPlan(sp, jobs, shard_size, planning_skips.get(sp, []), dict(sorted(excluded[sp].items())))
     return Plan(name, fmt, max_duration_sec, min_duration_sec, splits)
+
+
+def _named_list_inputs(named_list: str, inputs: Sequence[PathLike], *, split: Optional[str], list_format: str,
+                       media_root: Optional[PathLike], meta: Sequence[PathLike]
+                       ) -> tuple[list[tuple[str, str, str, dict, str]], dict[str, str]]:
+    """`plan_inputs`' raw entries for a named list, and {clip id: why the rules removed it}."""
+    if named_list not in datasets.NAMED_LISTS:
+        raise PrepareError(f"unknown list {named_list!r}; expected one of {', '.join(datasets.NAMED_LISTS)}")
+    if len(inputs) != 1 or not pathlib.Path(inputs[0]).is_dir():
+        raise PrepareError(f"--list {named_list}: give one input, the folder holding the official data/ files "
+                           f"({', '.join(datasets.NAMED_LISTS[named_list].official_files()[:3])}, ...)")
+    if list_format != "auto":
+        raise PrepareError(f"--list {named_list} reads the official formats; leave --list-format out")
+    if len(meta) > 1:
+        raise PrepareError(f"--list {named_list} reads one VGGSound meta file, got {len(meta)}")
+    if media_root is None:
+        raise PrepareError(f"--list {named_list}: give --media-root, the folder of <ytid>_<startms>_<endms>.mp4")
+    root = pathlib.Path(media_root)
+    if not root.is_dir():
+        raise PrepareError(f"{root}: media folder does not exist")
+    try:
+        entries, removed = datasets.build_named_list(named_list, inputs[0], meta[0] if meta else None)
+    except (OSError, UnicodeDecodeError, datasets.ListError) as e:
+        raise PrepareError(str(e)) from None
+    lsplit = split or datasets.NAMED_LISTS[named_list].split
+    raw = []
+    for e in entries:
+        media = datasets.find_media(root, e.clip_id)
+        labels = {"dataset": datasets.NAMED_LISTS[named_list].dataset, **e.labels}
+        raw.append((e.clip_id, os.fspath(media), media.relative_to(root).as_posix(), labels, lsplit))
+    return raw, removed
 
 
 # --------------------------------------------------------------------------- loading (in workers)
@@ -516,7 +562,8 @@ def prepare(inputs: Sequence[PathLike], out_dir: PathLike, *, format: str = "arr
             shard_size: int = DEFAULT_SHARD_SIZE, exclude: Sequence[PathLike] = (),
             meta: Sequence[PathLike] = (), max_duration_sec: Optional[float] = None,
             min_duration_sec: Optional[float] = None, overwrite: bool = False, progress: bool = True,
-            loader: Optional[Callable[..., records.ClipRecord]] = None) -> PrepareResult:
+            loader: Optional[Callable[..., records.ClipRecord]] = None,
+            named_list: Optional[str] = None) -> PrepareResult:
     """Prepare record shards from videos or official lists (see the module docstring).
 
     Args:
@@ -533,6 +580,8 @@ def prepare(inputs: Sequence[PathLike], out_dir: PathLike, *, format: str = "arr
       shard_size: clips per shard (planned; a shard holds fewer if clips are skipped).
       exclude: filter lists (files or folders of .txt) whose ids are left out.
       meta: class-label files (VGGSound `vggsound.csv`): labels `label` and `target`.
+      named_list: build the clip list `datasets.NAMED_LISTS[named_list]` from the official
+        files in the one input folder (see `plan_inputs`), e.g. "vggsound_sparse_test".
       max_duration_sec: keep at most this much of each clip.
       min_duration_sec: skip clips shorter than this (the official lists drop < 9 s).
       overwrite: replace a split prepared earlier from different inputs or settings.
@@ -548,7 +597,8 @@ def prepare(inputs: Sequence[PathLike], out_dir: PathLike, *, format: str = "arr
     out = pathlib.Path(out_dir)
     plan = plan_inputs(inputs, fmt=format, split=split, name=name, list_format=list_format,
                        media_root=media_root, shard_size=shard_size, exclude=exclude, meta=meta,
-                       max_duration_sec=max_duration_sec, min_duration_sec=min_duration_sec, out_dir=out)
+                       max_duration_sec=max_duration_sec, min_duration_sec=min_duration_sec, out_dir=out,
+                       named_list=named_list)
     if out.exists() and not out.is_dir():
         raise PrepareError(f"{out}: exists and is not a folder")
     num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
