@@ -132,8 +132,16 @@ def test_auc_hand_cases():
     assert np.isnan(sy.roc_auc(np.array([0.1, 0.9]), np.array([1, 1])))
 
 
-def test_midranks():
-    np.testing.assert_allclose(sy._midranks(np.array([3.0, 1.0, 3.0, 2.0, 3.0])), [4, 1, 4, 2, 4])
+def test_roc_auc_counts_pairs_ties_as_half():
+    """Against the definition, pair by pair, on scores with many ties."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        scores, t = rng.integers(0, 4, 30).astype(float), rng.integers(0, 2, 30).astype(bool)
+        if t.all() or not t.any():
+            continue
+        diff = scores[t][:, None] - scores[~t][None, :]
+        want = (np.sum(diff > 0) + 0.5 * np.sum(diff == 0)) / diff.size
+        assert sy.roc_auc(scores, t) == pytest.approx(want, abs=1e-12)
 
 
 def test_roc_curve_hand_case():

@@ -21,7 +21,7 @@ import dataclasses
 
 import numpy as np
 
-from synchformer_jax.evaluators.offset import OffsetMetrics
+from synchformer_jax.evaluators.offset import OffsetMetrics, roc_auc  # binary ROC-AUC, ties count 1/2
 
 SYNC_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 # The official combined evaluation gives an item wrongly accepted as synchronizable the
@@ -40,31 +40,6 @@ def softmax_p1(logits: np.ndarray) -> np.ndarray:
     # inf gives the correct limit 0.
     with np.errstate(over="ignore"):
         return 1.0 / (1.0 + np.exp(logits[:, 0] - logits[:, 1]))
-
-
-def _midranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks of `x`, tied values sharing the mean of their ranks."""
-    order = np.argsort(x, kind="stable")
-    sorted_x = x[order]
-    # Tie groups: [start, end) runs of equal sorted values.
-    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
-    ends = np.r_[starts[1:], len(x)]
-    group_rank = (starts + 1 + ends) / 2.0  # mean of ranks start+1 .. end
-    ranks = np.empty(len(x))
-    ranks[order] = np.repeat(group_rank, ends - starts)
-    return ranks
-
-
-def roc_auc(scores: np.ndarray, targets: np.ndarray) -> float:
-    """Binary ROC-AUC of `scores` for `targets` (1 = positive); NaN with a single class
-    present (sklearn raises there; a NaN lets a tiny evaluation set still log)."""
-    scores = np.asarray(scores, np.float64)
-    targets = np.asarray(targets).astype(bool)
-    n_pos, n_neg = int(targets.sum()), int((~targets).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    rank_sum = _midranks(scores)[targets].sum()
-    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def roc_curve(scores: np.ndarray, targets: np.ndarray) -> dict:
