@@ -14,7 +14,13 @@ arrays without torch:
   `float32 [N]`. For a whole-file read torchvision's pts-based trimming never removes
   samples (the first kept frame starts at or after 0 and there is no end), so
   nothing is trimmed here either;
-* `video_fps = float(stream.average_rate)`, `audio_rate = stream.rate`.
+* `video_fps = float(stream.average_rate)` (torchvision's value, exactly 25 for the
+  contract files) unless the decoded frames' timestamps contradict it (more than 10 %
+  off their typical spacing): then FFmpeg's `guessed_rate` if the timestamps agree with
+  it, else the typical spacing itself. An Ogg VP8 stream declares 1 / its time base
+  (30000 fps for 30 fps video written with a 1/30000 time base, or none at all), and
+  30000 fps would make `EqualifyFromRight` keep one audio sample per frame;
+  `audio_rate = stream.rate`.
 
 Bit-exactness was checked against the official decoder's output (frame sha256 and
 waveforms stored in the reference set). Decoded values depend on the FFmpeg build that
@@ -72,7 +78,19 @@ Timeline (what makes audio and video line up):
   by decoding the output again and locating a click to within 1 ms.
 
 Streams: the first video stream that is not cover art (an attached picture) and the
-first audio stream, as torchvision picks them; "default" flags are not consulted.
+first audio stream, as torchvision picks them; "default" flags are not consulted (a
+file whose first audio track is a commentary gives the commentary, as it did in the
+official pipeline). `ConformedClip.source` says which audio stream was used
+(`audio_stream_index`, the container index, of `audio_streams`; its default flag, title
+and language; `default_audio_stream_index`), so such files can be found and re-muxed.
+
+Ogg timing: FFmpeg's ogg demuxer dates the frames on a VP8 stream's first page back
+from the page's end by one tick per frame, and gives every frame a one-tick duration:
+right when the time base is one frame, as the VP8-in-Ogg mapping means; with a finer
+time base (1/30000 for 30 fps) the first frame lands one tick before the second and the
+last one ends one tick after it starts. `conform` re-dates such leading frames at the
+typical spacing and holds a last frame whose own duration is under half the typical
+spacing for the typical spacing (any container).
 
 Size: scale so that the shorter side is 256 (the longer one `trunc(long * 256 /
 short)`, as ffmpeg's scale filter truncates the expression), then drop the last column
@@ -88,6 +106,9 @@ Errors: every problem raises `MediaError` with one line naming the file (the rep
 the name when it is not printable UTF-8). Damage policy of `conform` (raise rather
 than return a shorter or smeared example):
 
+* audio with NaN or infinite samples (float PCM from a broken recorder or tool) raises,
+  saying how many and where the first is (the AAC encoder would refuse them with
+  "Invalid argument"; `decode_media` returns them as they are);
 * decoders run with `err_detect=explode`; a decoder error or a frame flagged corrupt
   raises (H.264 / AAC damage is caught this way);
 * a stream that decodes to more than 0.15 s less than the file declares raises
@@ -103,6 +124,13 @@ than return a shorter or smeared example):
 `decode_media` keeps the official behaviour (FFmpeg conceals what it can; an exception
 from the decoder raises). Silent audio is not an error: `ConformedClip.silent` (peak
 below -60 dBFS) and `is_silent` let a data preparation step decide.
+
+Records (`load_clip`) keep the audio only up to `RECORD_AUDIO_PAST_VIDEO_SEC` (1 s) past
+the end of the video: every official pipeline (stages I-III, `example.py`) starts with
+`EqualifyFromRight`, which trims both streams to the shorter one, so audio past the
+video's end is never used (a 2-s video beside 120 s of audio kept 7.7 MB of PCM that
+no crop, offset or jitter can reach). The margin only keeps ordinary clips (AAC's last
+frame ends up to 64 ms after the video) exactly as decoded.
 """
 from __future__ import annotations
 
@@ -123,12 +151,15 @@ import numpy as np
 __all__ = [
     "MediaError", "DecodedMedia", "decode_media", "decode_media_bytes",
     "ConformedClip", "conform", "load_clip", "is_silent", "decoder_versions",
-    "TARGET_FPS", "TARGET_SAMPLE_RATE", "TARGET_SHORT_SIDE",
+    "TARGET_FPS", "TARGET_SAMPLE_RATE", "TARGET_SHORT_SIDE", "RECORD_AUDIO_PAST_VIDEO_SEC",
 ]
 
 TARGET_FPS = 25
 TARGET_SAMPLE_RATE = 16000
 TARGET_SHORT_SIDE = 256
+# Audio a record keeps past the end of its video (module doc: EqualifyFromRight never
+# reads past it; the margin keeps ordinary clips whole).
+RECORD_AUDIO_PAST_VIDEO_SEC = 1.0
 
 # Output encoder settings. libx264 at ffmpeg's defaults (CRF 23, preset medium), and one
 # thread because x264's output depends on its thread count: the same input then gives
@@ -292,6 +323,9 @@ def _audio_to_float_planar(frame) -> np.ndarray:
 def _av_streams(container, path):
     """The first video stream that is not a cover image, and the first audio stream
     (torchvision's choice, which the official decode makes)."""
+    # The first audio stream even when another one is flagged "default" (a commentary
+    # or second-language track first): the official data went through read_video, which
+    # takes streams.audio[0], and the choice is recorded in `_probe_source` instead.
     # Cover art (an "attached picture": album art of an m4a, a thumbnail) is a video
     # stream of one still image; it is not the video.
     videos = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
@@ -307,8 +341,6 @@ def _decode_container(container, path, end_sec: Optional[float], strict: bool = 
     if strict:
         _strict(vstream)
         _strict(astream)
-    if vstream.average_rate is None or float(vstream.average_rate) <= 0:
-        raise MediaError(path, "video stream has no frame rate")
     if not astream.rate:
         raise MediaError(path, "audio stream has no sample rate")
 
@@ -319,10 +351,10 @@ def _decode_container(container, path, end_sec: Optional[float], strict: bool = 
 
     vframes = _decode_stream(container, vstream, path, "video", end_pts(vstream), strict)
     aframes = _decode_stream(container, astream, path, "audio", end_pts(astream), strict)
-    video_fps = float(vstream.average_rate)
     audio_rate = int(astream.rate)
     if not vframes:
         raise MediaError(path, "video stream has no decodable frames")
+    video_fps = _video_fps(path, vstream, vframes)
     if not aframes:
         raise MediaError(path, "audio stream has no decodable samples")
     frames = np.stack([f.to_ndarray(format="rgb24") for f in vframes])
@@ -330,6 +362,47 @@ def _decode_container(container, path, end_sec: Optional[float], strict: bool = 
     # Channel mean in float32 (official: `audio.mean(dim=0)` on the float32 tensor).
     audio = audio.mean(axis=0, dtype=np.float32) if audio.shape[0] > 1 else audio[0].copy()
     return DecodedMedia(frames, audio, video_fps, audio_rate)
+
+
+def _stated_rates(stream) -> list[Fraction]:
+    """The stream's `average_rate` and FFmpeg's `guessed_rate`, those that are set."""
+    rates = []
+    for rate in (stream.average_rate, getattr(stream, "guessed_rate", None)):
+        if rate is not None and rate > 0 and Fraction(rate) not in rates:
+            rates.append(Fraction(rate))
+    return rates
+
+
+def _declared_rate(stream) -> Optional[Fraction]:
+    """`average_rate`, or `guessed_rate` where the two disagree by more than 10 % (an
+    Ogg VP8 stream states 1 / its time base: 30000 fps for 30 fps video)."""
+    rates = _stated_rates(stream)
+    if len(rates) == 2 and abs(rates[0] / rates[1] - 1) > Fraction(1, 10):
+        return rates[1]
+    return rates[0] if rates else None
+
+
+def _video_fps(path, stream, frames) -> float:
+    """Rate of the decoded frames (module doc): `average_rate` unless their timestamps
+    contradict it, then `guessed_rate` if they agree with that, else their own spacing.
+
+    The typical spacing is the (upper) median of the steps between timestamps: a
+    misdated first frame (Ogg VP8) does not move it. The tolerance, 10 % plus one tick,
+    covers variable frame rates and millisecond time bases (33 / 34 ms at 30 fps).
+    """
+    rates = _stated_rates(stream)
+    pts = [f.pts for f in frames]
+    if len(pts) >= 2 and None not in pts and stream.time_base:
+        tick = Fraction(stream.time_base)
+        steps = sorted(b - a for a, b in zip(pts, pts[1:]))
+        typical = steps[len(steps) // 2] * tick
+        for rate in rates:
+            if abs(1 / rate - typical) <= typical / 10 + tick:
+                return float(rate)
+        return float(1 / typical)
+    if not rates:
+        raise MediaError(path, "video stream has no frame rate")
+    return float(rates[0])
 
 
 def decode_media(path, end_sec: Optional[float] = None) -> DecodedMedia:
@@ -442,10 +515,22 @@ def _probe_source(container, path) -> dict[str, Any]:
         # Ignored by the conversion (module doc), recorded so that a user can tell.
         "sample_aspect_ratio": (str(vstream.sample_aspect_ratio)
                                 if vstream.sample_aspect_ratio not in (None, 0, 1) else None),
+        # Which audio stream was used (the first, see `_av_streams`), so that files whose
+        # first track is not the main one (commentary, another language) can be found.
+        "audio_stream_index": int(astream.index), "audio_streams": len(container.streams.audio),
+        "audio_stream_default": bool(astream.disposition & av.stream.Disposition.default),
+        "audio_stream_title": _tag(astream, "title"), "audio_stream_language": _tag(astream, "language"),
+        "default_audio_stream_index": next((int(s.index) for s in container.streams.audio
+                                            if s.disposition & av.stream.Disposition.default), None),
         "video_start_sec": sec(vstream), "audio_start_sec": sec(astream),
         "video_end_sec": end(vstream), "audio_end_sec": end(astream),
         "container_end_sec": _container_end_sec(container),
     }
+
+
+def _tag(stream, key: str) -> Optional[str]:
+    value = stream.metadata.get(key)
+    return None if value is None else str(value)
 
 
 def _container_end_sec(container) -> Optional[float]:
@@ -625,6 +710,44 @@ def _frame_time(frame, index: int, fallback_rate) -> Optional[Fraction]:
     return None
 
 
+_OGG_LEAD_FRAMES = 8  # enough frames to know the typical spacing after a misdated first page
+
+
+def _redate_ogg_start(lead: list, tick: Optional[Fraction]) -> list:
+    """`(time, frame)` of an Ogg stream's first frames, those of its first page re-dated.
+
+    FFmpeg's ogg demuxer dates the first page's frames back from the page's granule
+    position (the end of its last frame) by one tick each (module doc). Frames one tick
+    apart, followed by frames several ticks apart, are those: they are put at the
+    typical spacing before the first correctly dated frame. A stream whose time base is
+    its frame rate (frames one tick apart throughout) is left as it is.
+    """
+    if tick is None or len(lead) < 3:
+        return lead
+    times = [time for time, _ in lead]
+    steps = [b - a for a, b in zip(times, times[1:])]
+    m = 0
+    while m < len(steps) and steps[m] == tick:
+        m += 1
+    rest = steps[m:]
+    if m == 0 or not rest:
+        return lead
+    typical = sorted(rest)[len(rest) // 2]
+    if typical <= 2 * tick:
+        return lead
+    return [(times[m] - (m - j) * typical, frame) for j, (_, frame) in enumerate(lead[:m])] + lead[m:]
+
+
+def _require_finite_audio(path, audio: np.ndarray, rate: int, t0: Fraction) -> None:
+    """Raise when the samples hold NaN or inf (the AAC encoder refuses them cryptically)."""
+    bad = ~np.isfinite(audio)
+    if bad.any():
+        first = int(np.argmax(bad))
+        raise MediaError(path, f"audio has {int(bad.sum())} non-finite sample(s) (NaN or inf) at {rate} Hz, the "
+                               f"first at {float(t0) + first / rate:.2f} s; such audio cannot be encoded or "
+                               "trained on (repair the file or leave it out)")
+
+
 def _strict(stream) -> None:
     # Ask the decoder to fail on damage it would otherwise conceal (see module doc).
     try:
@@ -643,7 +766,10 @@ def _decode_any(container, path, max_duration_sec: Optional[float]):
     # MPEG-TS has no edit lists: its only negative times are FFmpeg's correction of a
     # timestamp wrap (the part before the wrap), which is content, not a lead-in.
     grid = _Grid(path, None, negative_start_is_lead_in="mpegts" not in container.format.name.split(","))
-    vrate = vstream.average_rate or vstream.guessed_rate
+    vrate = _declared_rate(vstream)  # for frames without timestamps and a single frame's duration
+    # Ogg: the first frames wait until their spacing is known (`_redate_ogg_start`).
+    lead: Optional[list] = [] if "ogg" in container.format.name.split(",") else None
+    tick = Fraction(vstream.time_base) if vstream.time_base else None
     last_time, last_duration, intervals = None, None, []
     vindex = 0
     presentation = _PresentationTimes()
@@ -673,6 +799,20 @@ def _decode_any(container, path, max_duration_sec: Optional[float]):
         if grid.done:
             video_past_end = True
 
+    def present(time, frame):
+        if lead is None:
+            show(time, frame)
+            return
+        lead.append((time, frame))
+        if len(lead) >= _OGG_LEAD_FRAMES:
+            release()
+
+    def release():
+        nonlocal lead
+        pending, lead = lead, None
+        for shown in _redate_ogg_start(pending, tick):
+            show(*shown)
+
     current = "video"
     try:
         for packet in container.demux(vstream, astream):
@@ -690,7 +830,7 @@ def _decode_any(container, path, max_duration_sec: Optional[float]):
                         raise MediaError(path, "video frames have no timestamps and the stream no frame rate")
                     check(frame, "video", time)
                     for shown in presentation.push(time, frame):
-                        show(*shown)
+                        present(*shown)
                 else:
                     time = _frame_time(frame, 0, None)
                     check(frame, "audio", time)
@@ -705,15 +845,19 @@ def _decode_any(container, path, max_duration_sec: Optional[float]):
         raise MediaError(path, f"{current} stream fails to decode ({exc})") from exc
     for shown in presentation.flush():
         if not video_past_end:
-            show(*shown)
+            present(*shown)
+    if lead is not None:
+        release()
     if grid.t0 is None:
         raise MediaError(path, "video stream has no decodable frames")
     if not achunks:
         raise MediaError(path, "audio stream has no decodable samples")
-    # Where the last frame's display ends: its own duration, else the typical spacing.
-    if not last_duration or last_duration <= 0:
-        if intervals:
-            last_duration = sorted(intervals)[len(intervals) // 2]
+    # Where the last frame's display ends: its own duration, else the typical spacing;
+    # also the typical spacing where its own is under half of that (Ogg VP8: one tick).
+    typical = sorted(intervals)[len(intervals) // 2] if intervals else None
+    if not last_duration or last_duration <= 0 or (typical is not None and last_duration < typical / 2):
+        if typical is not None:
+            last_duration = typical
         elif vrate:
             last_duration = 1 / Fraction(vrate)
         else:
@@ -917,7 +1061,7 @@ def _encode_mp4(frames: list[np.ndarray], audio: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _conform_open(container, path, max_duration_sec, info) -> ConformedClip:
+def _conform_open(container, path, max_duration_sec, info, audio_past_video_sec=None) -> ConformedClip:
     grid, achunks = _decode_any(container, path, max_duration_sec)
     info = dict(info)
     rates = sorted({r for _, _, r in achunks})
@@ -925,11 +1069,14 @@ def _conform_open(container, path, max_duration_sec, info) -> ConformedClip:
         info["audio_rates_decoded"] = rates
     achunks, arate = _at_one_rate(achunks)
     placed = _place_audio(path, achunks, arate, grid.t0, info)
+    _require_finite_audio(path, placed, arate, grid.t0)  # before resampling spreads them
     _check_complete(path, info, grid.t0, Fraction(len(grid.out), TARGET_FPS), Fraction(len(placed), arate),
                     max_duration_sec)
     audio = _resample(placed, arate)
     if max_duration_sec is not None:
         audio = audio[:int(round(max_duration_sec * TARGET_SAMPLE_RATE))]
+    if audio_past_video_sec is not None:
+        audio = audio[:_audio_keep(len(grid.out), audio_past_video_sec)]
     if audio.size == 0:
         raise MediaError(path, "audio stream ends before the first video frame")
     info.update(t0_sec=float(grid.t0), audio_rate_decoded=arate, video_frames_decoded=grid.decoded,
@@ -944,8 +1091,14 @@ def _conform_open(container, path, max_duration_sec, info) -> ConformedClip:
     return ConformedClip(media.frames, media.audio, data, True, is_silent(media.audio), info)
 
 
+def _audio_keep(num_frames: int, past_video_sec: float) -> int:
+    """Samples from the first frame to `past_video_sec` after the video's end."""
+    return num_frames * TARGET_SAMPLE_RATE // TARGET_FPS + int(round(past_video_sec * TARGET_SAMPLE_RATE))
+
+
 def conform(path, *, max_duration_sec: Optional[float] = None,
-            min_duration_sec: Optional[float] = None) -> ConformedClip:
+            min_duration_sec: Optional[float] = None,
+            audio_past_video_sec: Optional[float] = None) -> ConformedClip:
     """Bring a media file to the input contract (25 fps, shorter side 256, 16 kHz mono).
 
     Args:
@@ -954,6 +1107,9 @@ def conform(path, *, max_duration_sec: Optional[float] = None,
         conforming file that is longer is re-encoded to be cut.
       min_duration_sec: raise `MediaError` when the result (the shorter of video and
         audio) is shorter than this.
+      audio_past_video_sec: when re-encoding, keep at most this much audio past the
+        end of the video (None: all of it). A file kept byte for byte keeps all its
+        audio (`load_clip` cuts a record's PCM itself).
 
     Returns:
       `ConformedClip`; see the module doc for timing, scaling and when bytes are kept.
@@ -982,8 +1138,9 @@ def conform(path, *, max_duration_sec: Optional[float] = None,
         # seek to 0 gave audio 1 ms (48 samples at 48 kHz) later than a fresh open in
         # the tests (observed; the cause inside FFmpeg was not investigated).
         with _open_input(path) as container:
-            clip = _conform_open(container, path, max_duration_sec, info)
+            clip = _conform_open(container, path, max_duration_sec, info, audio_past_video_sec)
     else:
+        _require_finite_audio(path, media.audio, TARGET_SAMPLE_RATE, Fraction(0))
         with open(path, "rb") as f:
             data = f.read()
         clip = ConformedClip(media.frames, media.audio, data, False, is_silent(media.audio),
@@ -1001,10 +1158,14 @@ def load_clip(path, clip_id: Optional[str] = None, labels: Optional[dict] = None
 
     The record does not carry the `silent` flag (the schema has no field for it); call
     `is_silent(record.audio)` or use `conform` directly to decide on silent clips.
+    Its PCM ends `RECORD_AUDIO_PAST_VIDEO_SEC` after the video at the latest (module
+    doc); a re-encoded mp4 is cut there too, a copied one keeps its bytes.
     """
     from synchformer_jax import records  # local: keeps media importable on its own
 
-    clip = conform(path, max_duration_sec=max_duration_sec, min_duration_sec=min_duration_sec)
+    clip = conform(path, max_duration_sec=max_duration_sec, min_duration_sec=min_duration_sec,
+                   audio_past_video_sec=RECORD_AUDIO_PAST_VIDEO_SEC)
+    audio = clip.audio[:_audio_keep(clip.num_frames, RECORD_AUDIO_PAST_VIDEO_SEC)]
     name = os.fsdecode(os.fspath(path))
     if clip_id is None:
         # Undecodable bytes of a file name become \xNN escapes (records are UTF-8 JSON).
@@ -1013,6 +1174,6 @@ def load_clip(path, clip_id: Optional[str] = None, labels: Optional[dict] = None
     decoder = decoder_versions()
     decoder["conform"] = "re-encoded" if clip.reencoded else "copied"
     return records.ClipRecord(
-        clip_id=clip_id, video_mp4=clip.mp4_bytes, audio=clip.audio, fps=clip.fps,
+        clip_id=clip_id, video_mp4=clip.mp4_bytes, audio=audio, fps=clip.fps,
         sample_rate=clip.sample_rate, duration_sec=clip.duration_sec, num_frames=clip.num_frames,
         labels=dict(labels or {}), source=_display_name(path), decoder=decoder)

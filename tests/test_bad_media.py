@@ -9,6 +9,7 @@ reported in `ConformedClip.silent`.
 """
 from __future__ import annotations
 
+import io
 import os
 from fractions import Fraction
 import struct
@@ -310,3 +311,133 @@ def test_non_utf8_metadata(tmp_path):
     _aligned(conform(path))
     assert decode_media(path).frames.shape[0] == 60
     assert load_clip(path).clip_id == "latin1_tags"
+
+
+# ------------------------------------------------------------ audit: odd audio streams
+
+
+def _float_pcm_clip(path, rate, bad_value, bad_at_sec=0.5, n_bad=3, seconds=2):
+    """25 fps video with float PCM audio (mkv) holding `n_bad` samples of `bad_value`."""
+    with av.open(str(path), "w") as out:
+        vs = out.add_stream("libx264", rate=25)
+        vs.width, vs.height, vs.pix_fmt = 64, 48, "yuv420p"
+        aus = out.add_stream("pcm_f32le", rate=rate, layout="stereo")
+        packets = []
+        for k in range(25 * seconds):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 80, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = k, Fraction(1, 25)
+            packets += vs.encode(frame)
+        packets += vs.encode(None)
+        wav = np.zeros((2, seconds * rate), np.float32)
+        first = int(bad_at_sec * rate)
+        wav[1, first:first + n_bad] = bad_value  # one channel is enough to spoil the mean
+        for start in range(0, wav.shape[1], 1024):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(wav[:, start:start + 1024]), format="fltp",
+                                               layout="stereo")
+            frame.sample_rate, frame.pts, frame.time_base = rate, start, Fraction(1, rate)
+            packets += aus.encode(frame)
+        packets += aus.encode(None)
+        packets.sort(key=lambda p: (p.dts or 0) * p.time_base)
+        out.mux(packets)
+    return path
+
+
+@pytest.mark.parametrize("bad_value, rate", [(np.nan, 16000), (np.inf, 44100), (-np.inf, 48000)])
+def test_non_finite_audio_is_a_clear_error(tmp_path, bad_value, rate):
+    # Before: the AAC encoder refused the frame ("Invalid argument: 'avcodec_send_frame()'
+    # returned 22", not even a MediaError, no file name).
+    src = _float_pcm_clip(tmp_path / "nan audio.mkv", rate, bad_value)
+    msg = _assert_error(src, "audio has 3 non-finite sample(s) (NaN or inf)", f"at {rate} Hz",
+                        "the first at 0.50 s")
+    with pytest.raises(MediaError, match="non-finite"):
+        load_clip(src)
+    assert "avcodec" not in msg
+    # The official-style decode returns the samples as they are (prepare refuses them).
+    assert np.count_nonzero(~np.isfinite(decode_media(src).audio)) == 3
+
+
+def _two_audio_tracks(path, default_first: bool):
+    """25 fps video, then a 440 Hz "commentary" track, then a 1 kHz "main" track flagged default."""
+    with av.open(str(path), "w") as out:
+        vs = out.add_stream("libx264", rate=25)
+        vs.width, vs.height, vs.pix_fmt = 64, 48, "yuv420p"
+        tracks = []
+        for hz, title in ((440, "commentary"), (1000, "main")):
+            aus = out.add_stream("aac", rate=16000, layout="mono")
+            aus.metadata["title"] = title
+            aus.metadata["language"] = "eng"
+            tracks.append((aus, hz))
+        default = av.stream.Disposition.default
+        tracks[0][0].disposition = default if default_first else av.stream.Disposition.comment
+        tracks[1][0].disposition = 0 if default_first else default
+        packets = []
+        for k in range(50):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 80, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = k, Fraction(1, 25)
+            packets += vs.encode(frame)
+        packets += vs.encode(None)
+        for aus, hz in tracks:
+            tone = (0.5 * np.sin(2 * np.pi * hz * np.arange(32000) / 16000)).astype(np.float32)
+            for start in range(0, 32000, 1024):
+                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(tone[None, start:start + 1024]),
+                                                   format="fltp", layout="mono")
+                frame.sample_rate, frame.pts, frame.time_base = 16000, start, Fraction(1, 16000)
+                packets += aus.encode(frame)
+            packets += aus.encode(None)
+        packets.sort(key=lambda p: (p.dts or 0) * p.time_base)
+        out.mux(packets)
+    return path
+
+
+def _dominant_hz(x):
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    return float(np.fft.rfftfreq(len(x), 1 / 16000)[np.argmax(spectrum)])
+
+
+@pytest.mark.parametrize("default_first", [False, True])
+def test_first_audio_track_is_used_and_recorded(tmp_path, default_first):
+    # The official decode (torchvision's read_video) takes the first audio stream whatever
+    # the default flags say; so does media, and `source` now says which one it was.
+    src = _two_audio_tracks(tmp_path / "tracks.mkv", default_first)
+    with av.open(str(src)) as c:  # the premise: the default flag is where the test put it
+        flags = [bool(s.disposition & av.stream.Disposition.default) for s in c.streams.audio]
+        assert flags == [default_first, not default_first]
+    clip = conform(src)
+    assert abs(_dominant_hz(clip.audio[4000:28000]) - 440) < 5
+    assert abs(_dominant_hz(decode_media(src).audio[4000:28000]) - 440) < 5
+    assert clip.source["audio_stream_index"] == 1  # container index (the video is 0)
+    assert clip.source["audio_streams"] == 2
+    assert clip.source["audio_stream_default"] is default_first
+    assert clip.source["audio_stream_title"] == "commentary"
+    assert clip.source["audio_stream_language"] == "eng"
+    assert clip.source["default_audio_stream_index"] == (1 if default_first else 2)
+
+
+def test_one_audio_track_is_recorded_too(tmp_path):
+    clip = conform(make_clip(tmp_path / "one.mkv", vcodec="libvpx-vp9", acodec="libopus", fps=30, rate=48000))
+    assert clip.source["audio_stream_index"] == 1 and clip.source["audio_streams"] == 1
+
+
+@pytest.mark.parametrize("conforming", [False, True])
+def test_record_drops_audio_that_runs_long_past_the_video(tmp_path, conforming):
+    # 2 s of video beside 120 s of audio: the official pipeline trims the audio to the
+    # video (EqualifyFromRight) before anything else, so 118 s of it can never be used;
+    # the record kept all of it (7.7 MB of PCM for 2 s of clip).
+    kw = dict(fps=25, width=320, height=256, rate=16000, channels=1) if conforming else dict(fps=30)
+    src = make_clip(tmp_path / "long_audio.mp4", duration=2.0, audio_duration=120.0, **kw)
+    clip = conform(src)  # the API keeps everything
+    assert clip.audio.shape[0] >= 119 * 16000
+    assert clip.reencoded is not conforming
+    rec = load_clip(src)
+    keep = int((2.0 + 1.0) * 16000)  # the video's end plus a 1 s margin
+    assert rec.audio.shape[0] == keep
+    assert np.array_equal(rec.audio, clip.audio[:keep])
+    assert rec.num_frames == 50 and rec.duration_sec == pytest.approx(2.0)
+    if conforming:
+        assert rec.video_mp4 == src.read_bytes()  # kept byte for byte; only the PCM is cut
+    else:
+        with av.open(io.BytesIO(rec.video_mp4)) as c:  # the re-encoded mp4 is cut as well
+            assert float(c.duration / 1e6) < 3.2
+    # Audio no longer than the video (plus the margin) is kept whole.
+    short = load_clip(make_clip(tmp_path / "normal.mp4", duration=2.0, audio_duration=2.5, **kw))
+    assert short.audio.shape[0] == conform(tmp_path / "normal.mp4").audio.shape[0]

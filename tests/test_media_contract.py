@@ -41,12 +41,14 @@ CLICK_TOLERANCE_MS = 1.0
 def make_clip(path, *, vcodec="libx264", acodec="aac", fps=30, frame_times=None, duration=2.0,
               width=64, height=48, pix_fmt="yuv420p", rate=44100, channels=2,
               video_start=0.0, audio_start=0.0, flash_sec=EVENT_SEC, click_sec=EVENT_SEC,
-              video=True, audio=True, audio_level=0.9, fmt=None, vtime_base=None, x264_opts=None):
+              video=True, audio=True, audio_level=0.9, fmt=None, vtime_base=None, x264_opts=None,
+              audio_duration=None):
     """Write a test clip; returns `path`.
 
     `frame_times` (seconds, sorted) gives irregular pts (variable frame rate); otherwise
     frames are at `video_start + i / fps`. The frame starting at `flash_sec` is white.
-    The audio stream's first sample is at `audio_start`; the click is at `click_sec`.
+    The audio stream's first sample is at `audio_start`; the click is at `click_sec`; the
+    audio ends at `audio_duration` (default: `duration`).
     """
     if frame_times is None:
         n = int(round(duration * fps))
@@ -86,7 +88,7 @@ def make_clip(path, *, vcodec="libx264", acodec="aac", fps=30, frame_times=None,
                 packets += vs.encode(frame)
             packets += vs.encode(None)
         if audio:
-            n = int(round((duration - audio_start) * rate))
+            n = int(round(((duration if audio_duration is None else audio_duration) - audio_start) * rate))
             wav = np.zeros((channels, n), np.float32)
             click = int(round((click_sec - Fraction(audio_start).limit_denominator(1000)) * rate))
             if 0 <= click < n:
@@ -169,6 +171,10 @@ CASES = {
     "mp4_h264_aac_30fps_44k1_stereo": ("a.mp4", dict(fps=30, rate=44100)),
     "mkv_vp9_opus_30fps_48k_stereo": ("b.mkv", dict(vcodec="libvpx-vp9", acodec="libopus", fps=30, rate=48000)),
     "webm_vp8_opus_24fps_48k": ("c.webm", dict(vcodec="libvpx", acodec="libopus", fps=24, rate=48000)),
+    # Written with a 1/30000 time base, which the ogg muxer stores as a 30000 fps frame
+    # rate; FFmpeg's ogg demuxer then dates the first frame one tick before the second
+    # and gives every frame a one-tick duration (see `test_ogg_vp8_frame_rate`).
+    "ogg_vp8_opus_30fps_48k": ("h.ogg", dict(vcodec="libvpx", acodec="libopus", fps=30, rate=48000)),
     "mov_h264_pcm_50fps_48k_stereo": ("d.mov", dict(fps=50, acodec="pcm_s16le", rate=48000)),
     "mp4_h264_aac_25fps_48k_stereo": ("e.mp4", dict(fps=25, rate=48000)),
     "mp4_audio_starts_0.3s_late": ("f.mp4", dict(fps=30, rate=44100, audio_start=0.3)),
@@ -188,6 +194,29 @@ def test_conform_keeps_flash_and_click_together(tmp_path, name):
     assert clip.frames.shape[1:] == (256, 340, 3)
     assert clip.frames.shape[0] == 50  # 2 s at 25 fps
     check_aligned(clip, tmp_path, name, flash_end=EVENT_SEC + Fraction(1, kwargs["fps"]))
+
+
+@pytest.mark.parametrize("vtime_base", [Fraction(1, 30000), Fraction(1, 30)])
+def test_ogg_vp8_frame_rate(tmp_path, vtime_base):
+    """VP8 in Ogg: the header's frame rate is 1/time base (30000 fps for a 1/30000 time
+    base; none at all for 1/30), the frames are 1/30 s apart. `decode_media` reported
+    30000 fps (the demuxer's average_rate; torchvision reports the same), which made
+    `equalify_from_right` keep 1 audio sample per frame; with 1/30 it raised "no frame
+    rate". `conform` dated the output from the misdated first frame and ended the clip at
+    the last frame's one-tick duration: 49 frames, the flash missed."""
+    src = make_clip(tmp_path / "vp8.ogg", vcodec="libvpx", acodec="libopus", fps=30, rate=48000,
+                    vtime_base=vtime_base)
+    with av.open(str(src)) as c:  # what the demuxer says (the premise of the test)
+        v = c.streams.video[0]
+        assert v.average_rate is None or float(v.average_rate) == 30000, v.average_rate
+        assert v.guessed_rate == 30
+    media = decode_media(src)
+    assert media.video_fps == 30.0
+    assert media.frames.shape[0] == 60
+    clip = conform(src)
+    assert clip.source["t0_sec"] == 0.0
+    assert clip.frames.shape[0] == 50
+    check_aligned(clip, tmp_path, f"ogg_vp8_tb_{vtime_base.denominator}")
 
 
 def test_video_starting_after_audio(tmp_path):

@@ -333,19 +333,37 @@ def test_random_branch_short_clips():
 
 
 
-@pytest.mark.parametrize("stage_one", [False, True])
-def test_a_clip_too_short_because_of_its_audio_says_so(stage_one):
+@pytest.mark.parametrize("case", ["stage_one", "train", "test", "fixed", "synchronizability"])
+def test_a_clip_too_short_because_of_its_audio_says_so(case):
     """10 s of video with 3 s of audio: the crop sees 75 frames after trimming both
-    streams to the shorter, and the reason must blame the audio, not the video."""
-    plan = T.plan_segment_avclip_example if stage_one else T.plan_sync_example
+    streams to the shorter, and the reason must blame the audio, not the video (it said
+    "video of 75 frames is not longer than the 125-frame crop" after the audio part)."""
+    kwargs = {"train": case in ("stage_one", "train", "synchronizability"), "rng": np.random.default_rng(0)}
+    if case == "fixed":
+        kwargs.update(train=False, rng=None, offset_sec=0.0, v_start_i_sec=4.0)
+    if case == "synchronizability":
+        kwargs["synchronizability"] = True
+    plan = T.plan_segment_avclip_example if case == "stage_one" else T.plan_sync_example
     with pytest.raises(ValueError) as err:
-        plan(250, 3 * 16000, 256, 256, train=True, rng=np.random.default_rng(0))
+        plan(250, 3 * 16000, 256, 256, **kwargs)
     message = str(err.value)
-    assert message.startswith("audio too short: 48000 samples (3.00 s) against 250 video frames (10.00 s)")
-    assert "cut to 75 frames" in message
-    # A short video is still reported as it was.
+    assert message.startswith("audio of 3.00 s (48000 samples) is shorter than the video of 10.00 s (250 frames): "
+                              "after trimming both streams to the shorter one (75 frames), "), message
+    assert "video of 75" not in message and "outside 75 frames" not in message, message
+    tail = {"stage_one": "75 frames / 48000 samples cannot hold 14 segments of 16 frames",
+            "fixed": "the video crop [100, 225) is outside those 75 frames",
+            "synchronizability": "75 frames are not longer than the 112-frame crop"}
+    assert message.endswith(tail.get(case, "75 frames are not longer than the 125-frame crop")), message
+
+
+def test_a_short_video_is_reported_as_it_was():
     with pytest.raises(ValueError, match=r"^video of 75 frames is not longer than the 125-frame crop$"):
         T.plan_sync_example(75, 10 * 16000, 256, 256, train=True, rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"^video crop \[100, 225\) is outside 75 frames$"):
+        T.plan_sync_example(75, 10 * 16000, 256, 256, train=False, offset_sec=0.0, v_start_i_sec=4.0)
+    # The building blocks keep their own (stream-named) messages.
+    with pytest.raises(ValueError, match=r"^video of 75 frames is not longer than the 125-frame crop$"):
+        T.temporal_crop_and_offset(75, 48000, rng=0)
 
 
 # ------------------------------------------------------------------------ segments

@@ -127,20 +127,32 @@ def equalify_from_right(n_frames: int, n_samples: int, video_fps: float = VIDEO_
     return v_len, a_len
 
 
+class _ClipTooShort(ValueError):
+    """A clip too short for a crop or the segments; `trimmed` says so without naming a
+    stream, for `_blame_short_audio` ("75 frames are not longer than the 125-frame crop")."""
+
+    def __init__(self, message: str, trimmed: str):
+        super().__init__(message)
+        self.trimmed = trimmed
+
+
 def _blame_short_audio(exc: ValueError, n_frames: int, n_samples: int, v_len: int,
-                      video_fps: float = VIDEO_FPS, audio_rate: int = AUDIO_RATE,
-                      clip_max_len_sec: float = 10.0) -> ValueError:
+                       video_fps: float = VIDEO_FPS, audio_rate: int = AUDIO_RATE,
+                       clip_max_len_sec: float = 10.0) -> ValueError:
     """`exc` (a clip too short for the crop or segments), saying so when the audio made it short.
 
     The crops see the lengths after `equalify_from_right`, so a 10-s video with 3 s of
     audio fails as "video of 75 frames ...": true of the trimmed clip, misleading about
-    the file, whose video is fine and whose audio is what is missing.
+    the file, whose video is fine and whose audio is what is missing. The reason then
+    names the audio and says the rest of the clip's length about the trimmed clip only.
     """
     a_sec, v_sec = n_samples / audio_rate, n_frames / video_fps
     if a_sec >= min(v_sec, clip_max_len_sec):
         return exc
-    return ValueError(f"audio too short: {n_samples} samples ({a_sec:.2f} s) against {n_frames} video frames "
-                      f"({v_sec:.2f} s), so both streams are cut to {v_len} frames: {exc}")
+    trimmed = getattr(exc, "trimmed", None) or str(exc)
+    return ValueError(f"audio of {a_sec:.2f} s ({n_samples} samples) is shorter than the video of {v_sec:.2f} s "
+                      f"({n_frames} frames): after trimming both streams to the shorter one ({v_len} frames), "
+                      f"{trimmed}")
 
 
 # -------------------------------------------------------------------------- spatial crop
@@ -282,19 +294,23 @@ def _random_video_start(off: float, v_len: int, v_crop_len: int, v_fps: int, dra
     """Uniform (not frame-snapped) start in seconds such that both crops fit, then snapped."""
     v_start_max_sec = (v_len - v_crop_len) / v_fps
     if not v_start_max_sec > 0:
-        raise ValueError(f"video of {v_len} frames is not longer than the {v_crop_len}-frame crop")
+        raise _ClipTooShort(f"video of {v_len} frames is not longer than the {v_crop_len}-frame crop",
+                            f"{v_len} frames are not longer than the {v_crop_len}-frame crop")
     v_start_sec = draws.uniform(max(0, -off), min(v_start_max_sec, v_start_max_sec - off))
     if not 0 <= v_start_sec <= v_start_max_sec:
-        raise ValueError(f"offset {off} s does not fit into a clip of {v_len} frames")
+        raise _ClipTooShort(f"offset {off} s does not fit into a clip of {v_len} frames",
+                            f"offset {off} s does not fit into {v_len} frames")
     v_start_i = sec2frames(v_start_sec, v_fps)
     return v_start_i, v_start_i / v_fps
 
 
 def _check_crop_fits(v_start_i, v_crop_len, v_len, a_start_i, a_crop_len, a_len):
     if v_start_i + v_crop_len > v_len or v_start_i < 0:
-        raise ValueError(f"video crop [{v_start_i}, {v_start_i + v_crop_len}) is outside {v_len} frames")
+        crop = f"video crop [{v_start_i}, {v_start_i + v_crop_len})"
+        raise _ClipTooShort(f"{crop} is outside {v_len} frames", f"the {crop} is outside those {v_len} frames")
     if a_start_i + a_crop_len > a_len or a_start_i < 0:
-        raise ValueError(f"audio crop [{a_start_i}, {a_start_i + a_crop_len}) is outside {a_len} samples")
+        crop = f"audio crop [{a_start_i}, {a_start_i + a_crop_len})"
+        raise _ClipTooShort(f"{crop} is outside {a_len} samples", f"the {crop} is outside those {a_len} samples")
 
 
 def temporal_crop_and_offset(v_len: int, a_len: int, *, video_fps: float = VIDEO_FPS,
@@ -483,7 +499,8 @@ def generate_segments(v_len: int, a_len: int, *, video_fps: float = VIDEO_FPS,
     n_max = min(math.floor((v_len - seg_v) / stride_v) + 1, math.floor((a_len - seg_a) / stride_a) + 1)
     n = n_max if n_segments is None else int(n_segments)
     if n > n_max or n < 1:
-        raise ValueError(f"cannot make {n} segments of {seg_v} frames from {v_len} frames / {a_len} samples")
+        raise _ClipTooShort(f"cannot make {n} segments of {seg_v} frames from {v_len} frames / {a_len} samples",
+                            f"{v_len} frames / {a_len} samples cannot hold {n} segments of {seg_v} frames")
     seq_len = n * step_size_seg + (1 - step_size_seg)
     v_seq_len = int(seq_len * seg_v)
     a_seq_len = int(seq_len * seg_a)
