@@ -7,6 +7,7 @@ import os
 import shutil
 import struct
 
+import grain
 import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
@@ -191,11 +192,60 @@ def test_resume_is_exact_with_two_workers(data):
         _assert_batches_equal(_take(fresh, 2), expected)
     finally:
         fresh.close()
-    # Workers do not change the data either.
+    # Workers do not change the batches either.
     single = iter(pl.train_dataset(data["train"], spec, batch_size=2, seed=5))
-    got = {int(i) for b in first + expected for i in b["index"]}
-    ref = {int(i) for b in _take(single, 4) for i in b["index"]}
-    assert got == ref
+    _assert_batches_equal(first + expected, _take(single, 4))
+
+
+# Cheap examples (24 frames of 32x32, 2 segments) for the tests that start worker processes.
+SMALL = pl.ExampleSpec(stage="sync", train=True, n_segments=2, crop_size=32)
+
+
+def _train_batches(paths, n=None, **kw):
+    """`n` batches (all if None) of `train_dataset` over `SMALL`; worker processes stopped after."""
+    it = iter(pl.train_dataset(paths, SMALL, read_threads=1, per_worker_buffer=1, **kw))
+    try:
+        return list(it) if n is None else _take(it, n)
+    finally:
+        it.close()  # before the next pipeline starts its workers (2 cores)
+
+
+def test_batches_do_not_depend_on_the_worker_count(data):
+    """grain hands worker `w` of `W` every `W`-th example and each worker batches its own;
+    the pipeline orders the examples so that the batches come out as in one process."""
+    ref = _train_batches(data["train"], 5, batch_size=2, seed=6)  # 10 examples: into the second epoch
+    assert [int(i) for b in ref for i in b["index"]] == list(range(10))
+    for workers in (1, 2, 3):
+        _assert_batches_equal(_train_batches(data["train"], 5, batch_size=2, seed=6, num_workers=workers), ref)
+
+
+def test_a_finite_run_reads_the_same_examples_with_workers(data):
+    """2 epochs of 6 clips in batches of 5: 2 batches, 2 examples dropped. 3 workers hold
+    rounds of 15: workers 0 and 1 get a batch each, worker 2 the dropped 2."""
+    ref = _train_batches(data["train"], batch_size=5, seed=7, num_epochs=2)
+    assert sorted(int(i) for b in ref for i in b["index"]) == list(range(10))
+    for workers in (2, 3):
+        _assert_batches_equal(_train_batches(data["train"], batch_size=5, seed=7, num_epochs=2,
+                                             num_workers=workers), ref)
+
+
+def test_worker_order_is_a_lazy_bijection():
+    """Every example once, in batch order, for dataset sizes around whole rounds."""
+    for n in range(0, 14):
+        for workers, batch in ((2, 1), (2, 3), (3, 2)):
+            order = pl._WorkerBatchOrder(grain.MapDataset.range(n), workers, batch)
+            # What worker w reads (grain's slice `w::W`), without the holes grain skips.
+            shares = [[x for x in order[w::workers] if x is not None] for w in range(workers)]
+            assert sorted(x for sh in shares for x in sh) == list(range(n))
+            batches = [sh[k:k + batch] for sh in shares for k in range(0, len(sh), batch)]
+            assert sorted(batches) == [list(range(k, min(k + batch, n))) for k in range(0, n, batch)]
+            # Worker w's k-th batch is batch k * W + w.
+            for w, sh in enumerate(shares):
+                for k in range(0, len(sh), batch):
+                    first = (k // batch * workers + w) * batch
+                    assert sh[k:k + batch] == list(range(first, min(first + batch, n)))
+    endless = grain.MapDataset.range(3).repeat()
+    assert len(pl._WorkerBatchOrder(endless, 3, 4)) % 12 == 0
 
 
 def test_hosts_read_disjoint_slices_of_one_global_shuffle(data):
@@ -298,6 +348,65 @@ def test_a_clip_with_non_finite_audio_is_skipped_and_named(data, tmp_path, train
     assert all(np.isfinite(b["audio"]).all() for b in batches)
     assert report.count == 1
     assert "'nan_clip' (test:nan)" in report.items[0] and "4 non-finite sample(s)" in report.items[0]
+
+
+def _seed_placing(n, slot, position):
+    """A shuffle seed that puts record `slot` of `n` at `position` of the first epoch."""
+    return next(s for s in range(1000) if list(grain.MapDataset.range(n).seed(s).shuffle())[position] == slot)
+
+
+# (batch size, workers, where the shuffle puts the broken record among 3 good ones)
+@pytest.mark.parametrize("batch_size,workers,position", [(1, 0, 3), (2, 0, 3), (2, 0, 2), (1, 2, 3), (2, 2, 3)])
+def test_a_finite_training_stream_reports_a_broken_record_at_its_end(data, tmp_path, batch_size, workers, position):
+    """No example follows the broken record (or only ones in the dropped remainder): its
+    report rides on the last batch, once, also across a restore from any state; with
+    workers it can come from a worker that makes no batch of its own ((2, 2, 3): worker 1
+    reads a good record and the broken one)."""
+    path = tmp_path / shards.shard_name("tail", "train", "array_record", 0, 1)
+    shards.write_shard(path, data["records"][:3] + [data["truncated"]])
+    seed = _seed_placing(4, 3, position)
+    ds = pl.train_dataset([str(path)], SMALL, batch_size=batch_size, seed=seed, num_epochs=1, num_workers=workers,
+                          read_threads=1, per_worker_buffer=1)
+    it = iter(ds)
+    states, batches = [json.loads(json.dumps(it.get_state()))], []
+    try:
+        for b in it:
+            batches.append(b)
+            states.append(json.loads(json.dumps(it.get_state())))
+    finally:
+        it.close()
+    order = [records.decode(data["records"][i]).clip_id for i in grain.MapDataset.range(4).seed(seed).shuffle()
+             if i < 3]
+    assert [c for b in batches for c in b["meta"]["clip_id"]] == order[:3 // batch_size * batch_size]
+    assert [len(b["meta"]["skipped"]) for b in batches] == [0] * (len(batches) - 1) + [1]
+    assert "bad_mp4" in batches[-1]["meta"]["skipped"][0]
+    for k, state in enumerate(states):
+        fresh = iter(ds)
+        try:
+            fresh.set_state(state)
+            _assert_batches_equal(list(fresh), batches[k:])
+        finally:
+            fresh.close()
+
+
+def test_a_finite_stream_too_short_for_a_batch_still_names_its_broken_records(data, tmp_path, caplog):
+    path = tmp_path / shards.shard_name("short", "train", "array_record", 0, 1)
+    shards.write_shard(path, [data["records"][0], data["truncated"]])
+    with caplog.at_level(logging.WARNING, logger=pl.__name__):
+        assert list(pl.train_dataset([str(path)], SMALL, batch_size=2, seed=0, num_epochs=1, read_threads=1)) == []
+    assert "1 broken record(s) skipped in a stream that yielded no batch" in caplog.text
+
+
+def test_a_streaming_tfrecord_run_reports_a_bad_last_record(data, tmp_path):
+    recs = data["records"][:3]
+    raw = bytearray(_tfrecord_bytes(recs))
+    raw[-100] ^= 0x01  # inside the last record's data: a data CRC mismatch
+    bad = tmp_path / "bad_last.tfrecord"
+    bad.write_bytes(bytes(raw))
+    batches = list(pl.tfrecord_train_dataset([str(bad)], SMALL, batch_size=1, seed=0, num_epochs=1, window_size=1))
+    assert len(batches) == 2
+    assert [len(b["meta"]["skipped"]) for b in batches] == [0, 1]
+    assert "data CRC mismatch" in batches[-1]["meta"]["skipped"][0]
 
 
 def test_a_truncated_array_record_shard_costs_its_clips_not_the_run(data, tmp_path):
@@ -426,9 +535,11 @@ def test_eval_broken_last_record_through_worker_processes(data, tmp_path):
     report = pl.SkipReport()
     for b in batches:
         report.update(b)
-    # Worker 0 reads slots 0, 2, 4 and worker 1 slots 1, 3, 5: two batches each (each
-    # pads its own last one), one more than the 3 batches 6 examples would fill.
-    assert len(batches) == 4
+    # The workers read batch-sized runs (worker 0: slots 0, 1 and 4, 5; worker 1: 2, 3), so
+    # the 6 slots fill the 3 batches they would without workers; worker 0's stream ends on
+    # the broken slot 5, whose report rides on a padding row of its last batch.
+    assert len(batches) == 3
+    assert [b["mask"].tolist() for b in batches] == [[True, True], [True, True], [True, False]]
     assert sorted(i for b in batches for i in b["index"][b["mask"]].tolist()) == [0, 1, 2, 3, 4]
     assert report.count == 1 and "bad_mp4" in report.items[0]
 

@@ -292,5 +292,7 @@ def test_train_from_tfrecord_evaluates_checkpoints_and_resumes(sets, tmp_path, c
         # (the other way round: a stream-era run under the new default).
         config.data.tfrecord_access = "stream"
         config.train.num_steps = 5
-        with pytest.raises(AssertionError, match="resume with the data.format / data.tfrecord_access"):
+        with pytest.raises(AssertionError, match=r"written by another data pipeline \(data.tfrecord_access: "
+                                                 r"\"indexed\" -> \"stream\"\); resume with "
+                                                 r"--config.data.tfrecord_access=indexed"):
             th.run_driver(th.write_config(config, tmp_path / "other.json"), workdir, **driver)

@@ -49,8 +49,17 @@ Pipelines:
 * `train_dataset`: ArrayRecord -> seeded global shuffle (reshuffled every epoch) ->
   per-example random plan (rng derived from the seed and the *global* index, so a
   restart, a different host count or a different worker count draws the same
-  example) -> per-host slice -> threaded map -> drop broken -> batch -> optional worker
-  processes. `get_state` / `set_state` restore exactly (grain's index-based state).
+  example) -> per-host slice -> worker order -> threaded map -> drop broken -> batch ->
+  optional worker processes. `get_state` / `set_state` restore exactly (grain's
+  index-based state). The batches, and their order, do not depend on `num_workers`
+  either: grain gives each worker process every `num_workers`-th example and each
+  worker batches its own, so `_WorkerBatchOrder` lays the host's examples out such
+  that worker `w`'s `k`-th batch is the batch `k * num_workers + w` of one process. What
+  still depends on the worker count: a worker refills a batch that lost a broken record
+  from its own share (the first example of its next batch), so from the first broken
+  record on, which examples share a batch (and, in a finite run, which few fall into
+  the dropped partial batches) differs from a run with another worker count; and an
+  iterator state restores only with the worker count that saved it.
 * `eval_dataset`: every clip `rounds` times (round r reseeded deterministically:
   `default_rng([seed, r, clip])`), fixed offsets from record labels or a CSV mapping,
   the last batch padded with `mask=False`, and the same number of batches on every host.
@@ -69,17 +78,20 @@ Pipelines:
 Broken records (unreadable bytes or shards, bad header, NaN/inf audio, undecodable or
 too-short video or audio) are logged with their clip id / source (or shard), counted
 in `meta["skipped"]` of the next batch
-(in evaluation, of a padding row when nothing follows them; use `SkipReport` in the
+(in evaluation, of a padding row when nothing follows them; at the end of a finite
+training stream, of its last batch, `_SkipsOnLastBatch`; use `SkipReport` in the
 training and evaluation loops), and never stop the pipeline.
 """
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import functools
 import io
 import logging
 import math
+import sys
 import threading
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -387,6 +399,15 @@ class NoUsableRecordsError(ValueError):
     """A repeating training stream met twice its data set's size of unusable records in a row."""
 
 
+class _LeftoverSkips:
+    """Skips with no example left to ride on: the end of a finite training stream (or of
+    one worker's share of it). `_FullBatches` passes them on, `_SkipsOnLastBatch` folds
+    them into a batch; they never reach the caller."""
+
+    def __init__(self, items: List[str]):
+        self.items = list(items)
+
+
 class _DropBrokenIterator(grain.DatasetIterator):
     def __init__(self, parent: grain.DatasetIterator, give_up_after: Optional[int] = None, data: str = "",
                  last_carrier: Optional[Dict[str, Any]] = None):
@@ -403,13 +424,15 @@ class _DropBrokenIterator(grain.DatasetIterator):
                 x = next(self._parent)
             except StopIteration:
                 # Broken records at the very end of a finite stream have no next example
-                # to ride on: one masked padding example carries them instead. It fits in
-                # the batch count, since each of them took a real example's place.
-                if not (self._pending and self._last_carrier is not None):
+                # to ride on. In evaluation one masked padding example carries them (it
+                # fits in the batch count, since each of them took a real example's
+                # place); in training, which must not see padding, a marker does.
+                if not self._pending:
                     raise
-                x = dict(self._last_carrier, meta=dict(self._last_carrier["meta"], skipped=self._pending))
-                self._pending = []
-                return x
+                pending, self._pending = self._pending, []
+                if self._last_carrier is None:
+                    return _LeftoverSkips(pending)
+                return dict(self._last_carrier, meta=dict(self._last_carrier["meta"], skipped=pending))
             if isinstance(x, Broken):
                 _log.warning("skipping broken record: %s: %s", x.where, x.error)
                 self._pending.append(f"{x.where}: {x.error}")
@@ -440,7 +463,8 @@ class _DropBrokenIterator(grain.DatasetIterator):
 
 class _DropBroken(grain.IterDataset):
     """Removes `Broken` markers; their descriptions ride on the next example's meta, or,
-    at the end of the stream, on `last_carrier` (a `mask=False` padding example)."""
+    at the end of the stream, on `last_carrier` (a `mask=False` padding example) or,
+    without one, on a `_LeftoverSkips` marker."""
 
     def __init__(self, parent: grain.IterDataset, give_up_after: Optional[int] = None, data: str = "",
                  last_carrier: Optional[Dict[str, Any]] = None):
@@ -449,6 +473,119 @@ class _DropBroken(grain.IterDataset):
 
     def __iter__(self):
         return _DropBrokenIterator(self._parent.__iter__(), self._give_up_after, self._data, self._last_carrier)
+
+
+class _FullBatchesIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, batch_size: int):
+        super().__init__(parent)
+        self._batch_size = batch_size
+
+    def __next__(self):
+        examples: List[Dict[str, Any]] = []
+        while len(examples) < self._batch_size:
+            try:
+                x = next(self._parent)
+            except StopIteration:
+                x = _LeftoverSkips([])
+            if isinstance(x, _LeftoverSkips):
+                # The end: the dropped remainder's reports join the trailing skips.
+                left = [s for e in examples for s in e["meta"].get("skipped", ())] + x.items
+                if left:
+                    return _LeftoverSkips(left)
+                raise StopIteration
+            examples.append(x)
+        return collate(examples)
+
+    def get_state(self):
+        # Between batches nothing is held: the state is the parent's (as grain's batch).
+        return self._parent.get_state()
+
+    def set_state(self, state):
+        self._parent.set_state(state)
+
+
+class _FullBatches(grain.IterDataset):
+    """Training batches (`collate`, the remainder dropped) whose stream ends, if it ends
+    with reports left over (skips after the last full batch, or riding on the dropped
+    remainder), with one `_LeftoverSkips` instead of losing them. Runs where the examples
+    are made (in each worker process), before `_SkipsOnLastBatch`."""
+
+    def __init__(self, parent: grain.IterDataset, batch_size: int):
+        super().__init__(parent)
+        self._batch_size = batch_size
+
+    def __iter__(self):
+        return _FullBatchesIterator(self._parent.__iter__(), self._batch_size)
+
+
+class _SkipsOnLastBatchIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator):
+        super().__init__(parent)
+        self._ahead: Optional[Dict[str, Any]] = None  # the next batch, read before the current one returns
+        self._after: Optional[Any] = None  # the parent's state right after the last returned batch
+        self._ended = False
+
+    def _read(self) -> Tuple[Optional[Dict[str, Any]], List[str]]:
+        """The next batch with the leftover skips met before it, or None and those skips."""
+        skipped: List[str] = []
+        for x in self._parent:
+            if isinstance(x, _LeftoverSkips):
+                skipped += x.items
+                continue
+            return _with_skips(x, skipped, first=True), []
+        return None, skipped
+
+    def __next__(self):
+        if self._ended:
+            raise StopIteration
+        if self._ahead is None:
+            self._ahead, lost = self._read()
+            if self._ahead is None:
+                self._ended = True
+                if lost:
+                    # No batch at all to carry them (a stream shorter than one batch).
+                    _log.warning("%d broken record(s) skipped in a stream that yielded no batch; the first: %s",
+                                 len(lost), lost[0])
+                raise StopIteration
+        out = self._ahead
+        self._after = copy.deepcopy(self._parent.get_state())
+        self._ahead, tail = self._read()
+        if self._ahead is None:
+            self._ended = True
+            out = _with_skips(out, tail, first=False)
+        return out
+
+    def get_state(self):
+        parent = self._after if self._after is not None else self._parent.get_state()
+        # `ended`: the tail's reports already rode on the last batch; a restored
+        # iterator must neither repeat them nor warn that they were lost.
+        return {"parent": parent, "ended": int(self._ended)}
+
+    def set_state(self, state):
+        self._parent.set_state(state["parent"])
+        self._ahead, self._after, self._ended = None, None, bool(state["ended"])
+
+
+class _SkipsOnLastBatch(grain.IterDataset):
+    """A finite training stream's end-of-stream reports on its last batch.
+
+    In the main process, after the worker processes: reads one batch ahead, so that the
+    `_LeftoverSkips` of the stream's (or of a worker's) end ride on the next batch out
+    or, when none follows, on the last one; the state is the one right after the
+    returned batch, so a restored iterator re-reads the batch it had read ahead. Only
+    for finite streams: an endless one has no end to wait for.
+    """
+
+    def __iter__(self):
+        return _SkipsOnLastBatchIterator(self._parent.__iter__())
+
+
+def _with_skips(batch: Dict[str, Any], skipped: List[str], first: bool) -> Dict[str, Any]:
+    """`batch` with `skipped` added to its `meta["skipped"]` (before or after its own)."""
+    if not skipped:
+        return batch
+    own = list(batch["meta"]["skipped"])
+    return dict(batch, meta=dict(batch["meta"], skipped=skipped + own if first else own + skipped))
 
 
 class SkipReport:
@@ -545,16 +682,66 @@ class _EvalProcess:
         return process_record(self.source[clip], rng, self.spec, fixed=self.fixed, index=index)
 
 
-def _finish(ds: grain.IterDataset, batch_fn, batch_size: int, drop_remainder: bool,
-            num_workers: int, per_worker_buffer: int, give_up_after: Optional[int] = None,
-            data: str = "", last_carrier: Optional[Dict[str, Any]] = None) -> grain.IterDataset:
-    ds = _DropBroken(ds, give_up_after, data, last_carrier)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=batch_fn)
+class _WorkerBatchOrder(grain.MapDataset):
+    """A host's examples reordered so that `num_workers` worker processes batch them as
+    one process would: the same batches, in the same order.
+
+    `mp_prefetch` gives worker `w` of `W` the slice `[w::W]` of the dataset it finds
+    before `to_iter_dataset`, each worker batches its own slice, and the workers' outputs
+    are interleaved round robin (grain 0.2.18: `process_prefetch.multiprocess_prefetch`,
+    an `InterleaveIterDataset` with `cycle_length=W`; an exhausted worker drops out of
+    the cycle). So worker `w`'s `k`-th batch is batch `k * W + w` out, and position `i`
+    here (example `m = i // W` of worker `i % W`, row `m % B` of its batch `m // B`)
+    holds example `(m // B * W + i % W) * B + m % B` of the parent: a lazy index map.
+
+    A parent of `n` examples that does not fill whole rounds of `W` batches is padded to
+    the next round with holes (None, which `to_iter_dataset` skips), so every example is
+    read exactly once and the last round gives worker `w` exactly the rows of batch
+    `k * W + w`: full batches for the first `n % (W * B) // B` workers, the remainder to
+    the next one (dropped or padded, as without workers), nothing to the rest.
+    """
+
+    def __init__(self, parent: grain.MapDataset, num_workers: int, batch_size: int):
+        super().__init__(parent)
+        self._workers, self._batch = num_workers, batch_size
+        self._n = len(parent)
+        block = num_workers * batch_size
+        padded = -(-self._n // block) * block
+        # An endless (repeated) parent is `sys.maxsize` long already: cut it to whole rounds.
+        self._len = padded if padded <= sys.maxsize else self._n // block * block
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        worker, m = index % self._workers, index // self._workers
+        src = (m // self._batch * self._workers + worker) * self._batch + m % self._batch
+        return None if src >= self._n else self._parent[src]
+
+    def __str__(self) -> str:
+        return f"_WorkerBatchOrder(num_workers={self._workers}, batch_size={self._batch})"
+
+
+def _in_worker_order(ds: grain.MapDataset, num_workers: int, batch_size: int) -> grain.MapDataset:
+    # One worker reads the whole dataset (grain does not slice it): nothing to reorder.
+    return _WorkerBatchOrder(ds, num_workers, batch_size) if num_workers > 1 else ds
+
+
+def _in_workers(ds: grain.IterDataset, num_workers: int, per_worker_buffer: int) -> grain.IterDataset:
     if num_workers > 0:
         mark_absl_flags_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
                                                          per_worker_buffer_size=per_worker_buffer))
     return ds
+
+
+def _finish_train(ds: grain.IterDataset, batch_size: int, num_workers: int, per_worker_buffer: int,
+                  finite: bool, give_up_after: Optional[int] = None, data: str = "") -> grain.IterDataset:
+    ds = _FullBatches(_DropBroken(ds, give_up_after, data), batch_size)
+    ds = _in_workers(ds, num_workers, per_worker_buffer)
+    return _SkipsOnLastBatch(ds) if finite else ds
 
 
 def _describe(paths: Sequence[str]) -> str:
@@ -572,8 +759,11 @@ def train_dataset(paths, spec: ExampleSpec, *, batch_size: int, seed: int,
                   per_worker_buffer: int = 2, augment: Optional[Augment] = None) -> grain.IterDataset:
     """Training batches of `batch_size` examples (per host) from ArrayRecord shards.
 
-    `num_epochs=None` repeats forever (each epoch reshuffled). Iterate with
-    `iter(ds)`; `get_state()` / `set_state()` on the iterator resume exactly.
+    `num_epochs=None` repeats forever (each epoch reshuffled); with `num_epochs` set the
+    last partial batch is dropped and the stream reads one batch ahead, so that a broken
+    record's report after the last batch rides on that batch. Iterate with `iter(ds)`;
+    `get_state()` / `set_state()` on the iterator resume exactly. The batches are the same
+    for every `num_workers` (see the module doc for what broken records change).
     """
     _check_host(process_index, process_count)
     return _train_batches(ArrayRecordSource(paths), spec, batch_size=batch_size, seed=seed,
@@ -620,12 +810,12 @@ def _train_batches(src, spec: ExampleSpec, *, batch_size: int, seed: int, proces
     # random_map before the host slice: each example's generator comes from its global
     # position, so the draws do not depend on the number of hosts.
     ds = ds.map_with_index(_with_index).random_map(_IndexedRandomProcess(spec, augment))
-    ds = ds[process_index::process_count]
+    ds = _in_worker_order(ds[process_index::process_count], num_workers, batch_size)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size))
-    return _finish(it, collate, batch_size, True, num_workers, per_worker_buffer,
-                   # Runs of broken records can straddle two reshuffled epochs (and a host sees
-                   # only its slice), so only twice the whole data set in a row means none is usable.
-                   give_up_after=2 * len(src), data=_describe(src.paths))
+    return _finish_train(it, batch_size, num_workers, per_worker_buffer, finite=num_epochs is not None,
+                         # Runs of broken records can straddle two reshuffled epochs (and a host sees
+                         # only its slice), so only twice the whole data set in a row means none is usable.
+                         give_up_after=2 * len(src), data=_describe(src.paths))
 
 
 def eval_dataset(paths, spec: ExampleSpec, *, batch_size: int, seed: int = 0, rounds: int = 1,
@@ -640,8 +830,8 @@ def eval_dataset(paths, spec: ExampleSpec, *, batch_size: int, seed: int = 0, ro
     a `{clip_id: (offset_sec, vstart_sec)}` mapping (`read_fixed_offsets_csv`).
     `meta["offset"]` says per example which it got ("fixed" / "drawn"); the dataset's
     `num_clips` is N (`index % N` is an example's clip). Every host yields
-    `ceil(ceil(rounds * N / process_count) / batch_size)` batches (with `num_workers`
-    > 1 a few more: each worker pads its own last batch, `_eval_num_batches`).
+    `ceil(ceil(rounds * N / process_count) / batch_size)` batches, the same ones for every
+    `num_workers` (`_WorkerBatchOrder`; broken records change the grouping, not what is scored).
     """
     _check_eval(spec, rounds, process_index, process_count)
     return _eval_batches(ArrayRecordSource(paths), spec, batch_size=batch_size, seed=seed, rounds=rounds,
@@ -693,29 +883,27 @@ def _eval_batches(src, spec: ExampleSpec, *, batch_size: int, seed: int, rounds:
     """The evaluation pipeline over a random-access source (`len`, `src[i]`)."""
     total = rounds * len(src)
     ds = grain.MapDataset.range(total).map(_EvalProcess(src, spec, seed, fixed_offsets))
-    ds = ds[process_index::process_count]
+    ds = _in_worker_order(ds[process_index::process_count], num_workers, batch_size)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size))
     pad = _empty_example(spec)
-    batch_fn = functools.partial(collate, pad_to=batch_size, pad_example=pad)
-    it = _finish(it, batch_fn, batch_size, False, num_workers, per_worker_buffer, last_carrier=pad)
-    out = _FixedCount(it, _eval_num_batches(total, process_count, batch_size, num_workers),
-                      collate([pad] * batch_size))
+    it = _DropBroken(it, last_carrier=pad).batch(
+        batch_size, drop_remainder=False, batch_fn=functools.partial(collate, pad_to=batch_size, pad_example=pad))
+    it = _in_workers(it, num_workers, per_worker_buffer)
+    out = _FixedCount(it, _eval_num_batches(total, process_count, batch_size), collate([pad] * batch_size))
     # `index % num_clips` is an example's clip: what an evaluation needs to count the
     # clips it scored across rounds and hosts.
     out.num_clips = len(src)
     return out
 
 
-def _eval_num_batches(total: int, process_count: int, batch_size: int, num_workers: int) -> int:
+def _eval_num_batches(total: int, process_count: int, batch_size: int) -> int:
     """Batches every host runs: those of the host with the most examples (host 0).
 
-    Each worker process batches its own `w::num_workers` share, last batch padded, so
-    workers can need more batches than the host's examples alone would (6 examples in
-    batches of 2 on 2 workers: 2 + 2, not 3); fewer would cut real examples off.
+    The same with worker processes: `_WorkerBatchOrder` leaves only one worker a padded
+    last batch. A broken record never adds one: it drops a real example, and at the end
+    of a worker's share its report takes one example's place (`_DropBroken`).
     """
-    per_host = len(range(0, total, process_count))
-    workers = max(1, num_workers)
-    return sum(math.ceil(len(range(w, per_host, workers)) / batch_size) for w in range(workers))
+    return math.ceil(len(range(0, total, process_count)) / batch_size)
 
 
 def _require_tfrecord(files: Sequence[str]):
@@ -754,7 +942,7 @@ def tfrecord_train_dataset(paths, spec: ExampleSpec, *, batch_size: int, seed: i
         ds = grain.experimental.RepeatIterDataset(ds, num_epochs=num_epochs)
     ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=window_size, seed=seed)
     ds = ds.random_map(_RandomProcess(spec, augment), seed=seed + 1)
-    return _finish(ds, collate, batch_size, True, num_workers, per_worker_buffer)
+    return _finish_train(ds, batch_size, num_workers, per_worker_buffer, finite=num_epochs is not None)
 
 
 def read_fixed_offsets_csv(path) -> Dict[str, Tuple[float, float]]:
