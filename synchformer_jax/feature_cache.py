@@ -355,7 +355,10 @@ def _clip_inputs(rec: records.ClipRecord, grid: CacheGrid, img_size: int):
     v_len = min(v_len, frames.shape[0])  # windows past the decodable frames would break the raw path too
     nv, na = grid.num_video_entries(v_len), grid.num_audio_entries(a_len)
     if nv < grid.n_segments:
-        raise ValueError(f"clip of {v_len} frames is too short for {grid.n_segments} segments")
+        # Both streams were cut to the shorter one: say so when the audio was it.
+        a_sec, v_sec = rec.audio.shape[0] / transforms.AUDIO_RATE, n_frames / transforms.VIDEO_FPS
+        why = f" (its {a_sec:.2f} s of audio cut the {v_sec:.2f}-s video)" if a_sec < v_sec else ""
+        raise ValueError(f"clip of {v_len} frames is too short for {grid.n_segments} segments{why}")
     fidx = grid.video_starts(nv)[:, None] + np.arange(grid.segment_frames)[None]
     sidx = grid.audio_starts(na)[:, None] + np.arange(grid.segment_samples)[None]
     audio = np.asarray(rec.audio[:a_len], np.float32)

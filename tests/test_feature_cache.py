@@ -18,6 +18,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -412,3 +413,14 @@ def test_curriculum_errors(data, model14, pulse_cache):
     it = train.train_iterator(config, task, [])
     assert it.phases == ((2, 0.1), (3, 0.2)) and it.keep_centred == 0.5
     assert np.all(_distance(it, it.draw(0)) <= 0.1 + 1e-9)
+
+
+def test_a_clip_too_short_because_of_its_audio_says_so(data):
+    """Both streams are cut to the shorter one; an 8-s video with 2 s of audio is too short
+    for 14 segments because of its audio, which the reason must say."""
+    rec = records.decode(data["payloads"][0])
+    grid = fc.grid_for(14)
+    fc._clip_inputs(rec, grid, 32)  # the whole clip fits
+    short = dataclasses.replace(rec, audio=rec.audio[:2 * 16000])
+    with pytest.raises(ValueError, match=r"too short for 14 segments \(its 2.00 s of audio cut the 8.00-s video\)"):
+        fc._clip_inputs(short, grid, 32)
