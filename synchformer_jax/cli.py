@@ -323,7 +323,12 @@ EVAL_SKIPS_SHOWN = 50  # skipped records listed in the eval JSON; skipped.jsonl 
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from synchformer_jax import experiment
+
     config = _apply_split(load_config(args.config, args.overrides), args.split)
+    if args.offset_checkpoint and config.stage != experiment.STAGE_SYNCHRONIZABILITY:
+        raise ConfigError(f"--offset-checkpoint: offsets are scored next to a synchronizability model; "
+                          f"{args.config} is a {config.stage} config")
     _setup_logging(args.verbose)
     init_distributed(args.distributed)
     import jax
@@ -357,6 +362,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                               f"{loaded.config.n_segments} segments) differs from the config's")
         params, step = loaded.params, None
     params = jax.device_put(params, trainer.state_shardings.params)
+    offset_model = _offset_model(args.offset_checkpoint, config, trainer) if args.offset_checkpoint else None
     # Exactly the shards the config names for this split (the train shards only when they
     # are the evaluation set); generated clips only when no shards are configured at all.
     eval_paths = train.eval_data_paths(config, workdir)
@@ -364,8 +370,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     skips = pipeline.SkipReport()
     skip_log = SkipLog(workdir, jax.process_index(), jax.process_count())
     try:
-        metrics = train.evaluate(trainer, params, train.eval_batches(config, trainer.task, eval_paths),
-                                 config.train.eval_max_batches, skips=skips)
+        batches = train.eval_batches(config, trainer.task, eval_paths,
+                                     spec=offset_model.task.example_spec if offset_model else None)
+        metrics = train.evaluate(trainer, params, batches, config.train.eval_max_batches, skips=skips,
+                                 offset_model=offset_model)
     except train.EmptyEvaluationError as e:
         print(f"error: {train.eval_data_spec(config, workdir)}: {e}", file=sys.stderr)
         return 1
@@ -375,6 +383,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
               "eval_shards": train.eval_data_spec(config, workdir), "eval_files": eval_paths,
               "eval_rounds": config.data.eval_rounds, "fixed_offsets": config.data.fixed_offsets,
               "metrics": metrics,
+              **({"offset_checkpoint": args.offset_checkpoint,
+                  "example_segments": offset_model.task.example_spec.segments} if offset_model else {}),
               # This process's skipped records (each host skips only in its own slice); all
               # of them, with the other processes' files, are in skipped*.jsonl.
               "skipped": skips.items[:EVAL_SKIPS_SHOWN], "skipped_log": str(skip_log.path)}
@@ -392,6 +402,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(scalars, allow_nan=False))
         print(f"wrote {out}")
     return 0
+
+
+def _offset_model(path: str, config, trainer):
+    """`--offset-checkpoint`: the stage-II model, at the config's compute dtype, on the
+    trainer's mesh; a file that cannot be read or does not fit is one line naming it."""
+    from synchformer_jax import pretrained, torch_pickle, train
+    from synchformer_jax.models import convert_torch
+
+    try:
+        # The synchronizability config's init_overrides describe its init_from, which is
+        # the stage-II model (sizes a state dict does not store).
+        loaded = pretrained.load_model(path, overrides=dict(config.init_overrides))
+    except (pretrained.CheckpointError, convert_torch.ConversionError, torch_pickle.TorchFileError,
+            torch_pickle.UnsafePickleError) as e:
+        message = str(e)
+        raise ConfigError(f"--offset-checkpoint {message}" if message.startswith(path)
+                          else f"--offset-checkpoint {path}: {message}") from None
+    model_config = loaded.config.replace(dtype=trainer.task.model_config.dtype)
+    try:
+        return train.build_offset_model(trainer, loaded.params, model_config)
+    except ValueError as e:
+        raise ConfigError(f"--offset-checkpoint {path}: {e}") from None
 
 
 def _add_train_eval_parsers(sub) -> None:
@@ -415,6 +447,11 @@ def _add_train_eval_parsers(sub) -> None:
                    help="valid: data.eval_shards as in training; test: the config's `test` group "
                         "(README protocol: random offsets, 2 / 25 rounds)")
     p.add_argument("--out", help="metrics JSON path (default: WORKDIR/eval_<split>_<checkpoint>.json)")
+    p.add_argument("--offset-checkpoint", metavar="MODEL",
+                   help="synchronizability configs: a stage-II offset model (training workdir, model folder or "
+                        "official .pt) scored on the same examples, cut to its segments (14: 4.8 s); adds the "
+                        "offset metrics of the clips accepted as synchronizable per p threshold (paper Fig. 4 "
+                        "right) as metrics.offset_at_sync_threshold")
     p.set_defaults(fn=cmd_eval, accepts_config_overrides=True)
 
 

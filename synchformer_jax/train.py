@@ -322,16 +322,18 @@ class EvalBatches:
         return self.batches
 
 
-def eval_batches(config, task: tasks.Task, paths: list[str]) -> EvalBatches:
+def eval_batches(config, task: tasks.Task, paths: list[str],
+                 spec: Optional[pipeline.ExampleSpec] = None) -> EvalBatches:
     """This host's evaluation batches; the same number on every host, from either format
     (`pipeline.eval_dataset` / `pipeline.tfrecord_eval_dataset` yield identical batches).
     With `data.fixed_offsets`, a clip whose record has offset labels is scored at them,
-    one without at the seeded draw of the random protocol (`meta["offset"]` says which)."""
+    one without at the seeded draw of the random protocol (`meta["offset"]` says which).
+    `spec`: other examples than the task's (`OffsetModel.task.example_spec`)."""
     fmt = config.data.get("format", "array_record")
     if fmt not in ("array_record", "tfrecord"):
         raise ValueError(f"data.format must be 'array_record' or 'tfrecord', got {fmt!r}")
     make = pipeline.tfrecord_eval_dataset if fmt == "tfrecord" else pipeline.eval_dataset
-    spec = dataclasses.replace(task.example_spec, train=False)
+    spec = dataclasses.replace(spec or task.example_spec, train=False)
     fixed = "labels" if (config.data.fixed_offsets and task.stage == experiment.STAGE_SYNC) else None
     per_host = config.data.eval_batch_size // jax.process_count()
     ds = make(paths, spec, batch_size=per_host, seed=config.seed, rounds=config.data.eval_rounds,
@@ -345,16 +347,44 @@ class EmptyEvaluationError(ValueError):
     """An evaluation that scored no clip: its metrics would be meaningless (accuracy 0.0)."""
 
 
+@dataclasses.dataclass
+class OffsetModel:
+    """A stage-II model scored next to the trainer's synchronizability model
+    (`evaluate(offset_model=...)`); `predict_step(params, offset params, batch)`."""
+    task: tasks.CombinedSyncOffsetTask
+    params: Params
+    predict_step: Callable
+
+
+def build_offset_model(trainer: Trainer, params: Params, model_config) -> OffsetModel:
+    """`params` of the offset model `model_config` on the trainer's mesh, and the jitted
+    prediction of both models. Raises ValueError when the model does not fit
+    (`tasks.offset_model_misfit`)."""
+    combined = tasks.CombinedSyncOffsetTask(trainer.task, tasks.get_task(experiment.STAGE_SYNC, model_config))
+    shardings = sharding.tree_shardings(trainer.mesh, params)
+    step = jax.jit(combined.predict_fn, in_shardings=(trainer.state_shardings.params, shardings,
+                                                      sharding.batch_sharding(trainer.mesh)))
+    return OffsetModel(combined, jax.device_put(params, shardings), step)
+
+
 def evaluate(trainer: Trainer, params: Params, batches: Iterable[dict], max_batches: int = 0,
-             skips: Optional[pipeline.SkipReport] = None) -> dict:
+             skips: Optional[pipeline.SkipReport] = None, offset_model: Optional[OffsetModel] = None) -> dict:
     """The stage's metrics over `batches`, plus `skipped_records` (summed over hosts),
     `offsets_fixed` / `offsets_drawn` (clips scored at a record's fixed offset / at a
     drawn one; stages with offsets) and, for `EvalBatches`, `clips_evaluated` (distinct
     clips scored, across rounds and hosts). `skips` (this host's) receives the skipped
-    records' descriptions. Raises `EmptyEvaluationError` when nothing was scored."""
+    records' descriptions. Raises `EmptyEvaluationError` when nothing was scored.
+
+    `offset_model` (synchronizability stage; `batches` of `offset_model.task.example_spec`):
+    also `offset_at_sync_threshold`, the offset metrics of the items the
+    synchronizability model accepts, per threshold (`CombinedSyncOffsetMetrics`)."""
     from jax.experimental import multihost_utils
 
     stage = trainer.task.stage
+    combined = None
+    if offset_model is not None:
+        from synchformer_jax.evaluators.synchronizability import CombinedSyncOffsetMetrics
+        combined = CombinedSyncOffsetMetrics()
     if stage == experiment.STAGE_AVCLIP:
         from synchformer_jax.evaluators.retrieval import RetrievalMetrics
         # Officially windows of 8 of the 14 segments; a model with fewer segments gets
@@ -378,7 +408,10 @@ def evaluate(trainer: Trainer, params: Params, batches: Iterable[dict], max_batc
         offsets = np.asarray(host_batch.get("meta", {}).get("offset", np.full(len(host_mask), "")))[host_mask]
         offset_counts += [np.sum(offsets == "fixed"), np.sum(offsets == "drawn")]
         batch = device_lib.host_to_global(host_batch, trainer.mesh, sharding.BATCH_AXES)
-        out = trainer.predict_step(params, batch)
+        if offset_model is None:
+            out = trainer.predict_step(params, batch)
+        else:
+            out = offset_model.predict_step(params, offset_model.params, batch)
         out = multihost_utils.process_allgather(out, tiled=True)
         mask = np.asarray(multihost_utils.process_allgather(batch["mask"], tiled=True))
         scored_indices.append(np.asarray(multihost_utils.process_allgather(batch["index"], tiled=True))[mask])
@@ -387,7 +420,13 @@ def evaluate(trainer: Trainer, params: Params, batches: Iterable[dict], max_batc
         else:
             target = np.asarray(multihost_utils.process_allgather(batch[trainer.task.target_key], tiled=True))
             metrics.update(np.asarray(out["logits"]), target, mask)
+            if combined is not None:
+                offset_target = np.asarray(multihost_utils.process_allgather(batch["offset_target"], tiled=True))
+                combined.update(np.asarray(out["offset_logits"]), offset_target, np.asarray(out["logits"]),
+                                target, mask)
     result = metrics.result()
+    if combined is not None:
+        result["offset_at_sync_threshold"] = combined.result()
     # A broken record is in exactly one host's slice and `meta` stays on that host: the
     # sum over hosts counts each once.
     per_host = np.concatenate([[skips.count - skipped_before], offset_counts]).astype(np.int32)
