@@ -336,7 +336,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from synchformer_jax import checkpoint, train
     from synchformer_jax.evaluators.coverage import list_coverage
     from synchformer_jax.input import pipeline
-    from synchformer_jax.skip_log import SkipLog
+    from synchformer_jax.skip_log import SkipLog, gather_items
 
     pipeline.mark_absl_flags_parsed()
     workdir = pathlib.Path(args.workdir)
@@ -385,9 +385,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
               "metrics": metrics,
               **({"offset_checkpoint": args.offset_checkpoint,
                   "example_segments": offset_model.task.example_spec.segments} if offset_model else {}),
-              # This process's skipped records (each host skips only in its own slice); all
-              # of them, with the other processes' files, are in skipped*.jsonl.
-              "skipped": skips.items[:EVAL_SKIPS_SHOWN], "skipped_log": str(skip_log.path)}
+              # The first skipped records of every process (each host skips only in its own
+              # slice); all of them are in skipped.jsonl (skipped.<process>.jsonl).
+              "skipped": gather_items(skips.items, EVAL_SKIPS_SHOWN), "skipped_log": str(skip_log.path)}
     if coverage is not None:
         record["coverage"] = coverage.report(metrics.get("clips_evaluated"))
     name = f"eval_{args.split}_{pathlib.Path(args.checkpoint).name}.json"

@@ -58,3 +58,26 @@ class SkipLog:
         with open(self.path, "a", encoding="utf-8") as f:
             for item in items:
                 f.write(json.dumps({"phase": phase, "step": step, "skipped": item, **extra}) + "\n")
+
+
+def gather_items(items: Sequence[str], limit: int) -> list[str]:
+    """The first `limit` of every process's `items`, process 0's first, on every process.
+
+    A broken record is in exactly one host's slice, so a report written by process 0
+    alone (the eval JSON) needs the others' descriptions; through the collectives, not
+    the workdir, which need not be a file system every process sees at that moment.
+    """
+    import jax
+
+    mine = list(items[:limit])
+    if jax.process_count() == 1:
+        return mine
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(mine).encode("utf-8"), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int32))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:data.size] = data
+    every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [item for row, size in zip(every, sizes) for item in json.loads(row[:size].tobytes().decode("utf-8"))]
