@@ -457,6 +457,21 @@ def desync_from_features(model, params: Params, vfeat, afeat, *,
     return DesyncResult(logits, offsets, jnp.mean(jnp.abs(offsets), axis=-1))
 
 
+def expected_desync_sec(config: ModelConfig, logits) -> jax.Array:
+    """A differentiable stand-in for DeSync: `E|offset|` under `softmax(logits)` over the
+    class grid, averaged over the windows. `logits`: `[..., W, K]` (`DesyncResult.logits`)
+    -> `[...]` seconds.
+
+    DeSync itself takes the argmax class, which has no gradient; a generator trained with
+    Synchformer as a loss or scored as a reward needs one through the audio waveform
+    (`desync(...)` is differentiable up to its argmax: log-mel, extractor and sync
+    transformer are). For confident predictions it equals `desync_sec`.
+    """
+    grid = jnp.abs(jnp.asarray(offset_grid(config), jnp.float32))
+    probs = jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1)
+    return jnp.mean(jnp.sum(probs * grid, axis=-1), axis=-1)
+
+
 def desync(model, params: Params, vfeat, audio, *, chunk_size: Optional[int] = None,
            clip_sec: float = DESYNC_CLIP_SEC) -> DesyncResult:
     """av-benchmark's DeSync of M audio tracks per video against cached video features.

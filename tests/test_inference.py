@@ -262,6 +262,40 @@ def test_desync_returns_known_shifts_with_a_known_compare(micro):
     np.testing.assert_allclose(result.desync_sec[0], [0.4, 1.2, 0.9, 0.0], atol=1e-6)
 
 
+def test_expected_desync_equals_desync_for_confident_logits(micro):
+    """The soft DeSync is E|offset| per window, averaged: for sharp logits (one class
+    per window) the argmax DeSync; for flat logits the mean |grid| (1.048 s on +-2 s)."""
+    model, _ = micro
+    grid = inference.offset_grid(model.config)
+    logits = np.full((3, 2, 21), -50.0, np.float32)
+    for i, (a, b) in enumerate([(10, 10), (12, 4), (0, 20)]):  # 0 / 0 s, +0.4 / -1.2 s, -2 / +2 s
+        logits[i, 0, a] = logits[i, 1, b] = 50.0
+    np.testing.assert_allclose(inference.expected_desync_sec(model.config, logits), [0.0, 0.8, 2.0], atol=1e-6)
+    flat = inference.expected_desync_sec(model.config, np.zeros((1, 2, 21), np.float32))
+    np.testing.assert_allclose(flat, [np.abs(grid).mean()], rtol=1e-6)
+
+
+def test_soft_desync_has_a_gradient_through_the_waveform(micro):
+    """Synchformer as a loss: the soft DeSync of `desync(...)` differentiated with respect
+    to the raw 16-kHz waveform (log-mel, audio extractor and sync transformer on the
+    path). The gradient is finite, not zero, and its directional derivative agrees with
+    a central finite difference."""
+    model, params = micro
+    rng = np.random.default_rng(5)
+    vfeat = inference.desync_video_features(model, params, rng.integers(0, 256, (1, 200, 32, 32, 3), np.uint8))
+    wave = (0.3 * rng.standard_normal((1, 128000))).astype(np.float32)
+
+    loss = jax.jit(lambda w: inference.expected_desync_sec(model.config, inference.desync(model, params, vfeat,
+                                                                                          w).logits).sum())
+    grad = np.asarray(jax.jit(jax.grad(loss))(wave))
+    assert np.isfinite(grad).all() and np.abs(grad).max() > 0
+    direction = grad / np.linalg.norm(grad)  # the steepest direction: the largest, best-measured change
+    h = 1e-2
+    numeric = (float(loss(wave + h * direction)) - float(loss(wave - h * direction))) / (2 * h)
+    analytic = float(np.sum(grad * direction))
+    assert numeric == pytest.approx(analytic, rel=0.05), (numeric, analytic)
+
+
 def test_desync_resize_crop_matches_pil_bicubic():
     Image = pytest.importorskip("PIL.Image")
     h, w = 256, 454
