@@ -119,7 +119,7 @@ def load_model(path: str | os.PathLike, *, overrides: Optional[Mapping[str, Any]
 def _load_workdir(workdir: pathlib.Path, overrides: Optional[Mapping[str, Any]]) -> LoadedModel:
     """A training workdir: its best checkpoint if it has one (`train.best_metric`), else
     its latest, so that `predict` / `export` / `convert` take a run as it is."""
-    from synchformer_jax import checkpoint
+    from synchformer_jax import checkpoint, resume
 
     errors = []
     for which in (checkpoint.BEST, checkpoint.CHECKPOINTS):
@@ -134,7 +134,12 @@ def _load_workdir(workdir: pathlib.Path, overrides: Optional[Mapping[str, Any]])
         raise CheckpointError(f"{workdir}: no usable checkpoint ({'; '.join(errors)})")
     if overrides:
         config = _with_overrides(workdir, config, overrides)
-    return LoadedModel(config, jax.tree.map(np.asarray, params), {}, [f"the {which} checkpoint of training run {workdir}"])
+    notes = [f"the {which} checkpoint of training run {workdir}"]
+    # A run resumed with other settings says so (`resume`): what it was trained with.
+    notes += [f"resumed at step {r['step']} with a changed config: "
+              + "; ".join(str(resume.Change(k, b, a)) for k, (b, a) in r["changes"].items())
+              for r in resume.history(workdir)]
+    return LoadedModel(config, jax.tree.map(np.asarray, params), {}, notes)
 
 
 def _with_overrides(path, config: ModelConfig, overrides: Mapping[str, Any]) -> ModelConfig:

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 import pytest
 
-from synchformer_jax import checkpoint, experiment, resume
+from synchformer_jax import checkpoint, experiment, pretrained, resume
 from tests import train_helpers as th
 
 NUM_STEPS = 6
@@ -238,6 +238,9 @@ def test_a_restart_with_other_settings_resumes_and_records_them(resume_config, u
     assert json.loads((workdir / "config.json").read_text())["optim"]["lr"] == 5e-5
     step, _, _, saved = checkpoint.restore_on_host(workdir)
     assert step == NUM_STEPS + 1 and saved["optim"]["lr"] == 5e-5
+    # The run as a model (predict / export / info) says what it was trained with.
+    assert ("resumed at step 6 with a changed config: optim.lr: 0.0001 -> 5e-05; train.num_steps: 6 -> 7"
+            in pretrained.load_model(workdir).notes)
 
 
 def test_config_changes_compare_only_keys_both_configs_have():
