@@ -159,24 +159,39 @@ def parse_sparse_fixed_offsets_csv(path: PathLike) -> dict[str, FixedOffset]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class MetaRow:
+    lineno: int
+    ytid: str
+    clip_id: str  # `<ytid>_<start*1000>_<(start+10)*1000>`
+    label: str
+
+
+def _vggsound_csv_rows(path: PathLike) -> list[MetaRow]:
+    """`vggsound.csv` rows in file order, read as the official code reads them
+    (`csv.reader(quotechar='"')`, no header; the split column is not needed)."""
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = [(i, r) for i, r in enumerate(csv.reader(f, quotechar='"'), 1) if r]
+    out = []
+    for lineno, r in rows:
+        try:
+            start, label = int(r[1]), r[2]
+        except (IndexError, ValueError):
+            raise ListError(f"{path}:{lineno}: expected VGGSound's ytid,start_sec,label,split "
+                            f"(no header), got {r!r}") from None
+        out.append(MetaRow(lineno, r[0], f"{r[0]}_{start * 1000}_{(start + 10) * 1000}", label))
+    return out
+
+
 def parse_vggsound_meta(path: PathLike) -> dict[str, dict]:
     """`vggsound.csv` (`ytid,start_sec,label,split`, no header) -> {clip id: labels}.
 
     Labels: `{"label": name, "target": class index}`, the index being the label's rank
     among the sorted unique labels, as the official VGGSound dataset numbers classes.
     """
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = [(i, r) for i, r in enumerate(csv.reader(f, quotechar='"'), 1) if r]
-    classes = sorted({r[2] for _, r in rows if len(r) >= 3})
-    target = {label: t for t, label in enumerate(classes)}
-    out = {}
-    for lineno, r in rows:
-        try:
-            start, label = int(r[1]), r[2]
-        except (IndexError, ValueError):
-            raise ListError(f"{path}:{lineno}: expected ytid,start_sec,label,split, got {r!r}") from None
-        out[f"{r[0]}_{start * 1000}_{(start + 10) * 1000}"] = {"label": label, "target": target[label]}
-    return out
+    rows = _vggsound_csv_rows(path)
+    target = {label: t for t, label in enumerate(sorted({r.label for r in rows}))}
+    return {r.clip_id: {"label": r.label, "target": target[r.label]} for r in rows}
 
 
 def merge_fixed_offsets(*tables: dict[str, FixedOffset]) -> dict[str, FixedOffset]:
@@ -257,33 +272,16 @@ NAMED_LISTS = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class MetaRow:
-    lineno: int
-    ytid: str
-    clip_id: str  # `<ytid>_<start*1000>_<(start+10)*1000>`
-    label: str
-
-
 def read_vggsound_meta_rows(path: PathLike) -> list[MetaRow]:
-    """`vggsound.csv` rows in file order, read as the official code reads them
-    (`csv.reader(quotechar='"')`, no header; the split column is not needed)."""
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = [(i, r) for i, r in enumerate(csv.reader(f, quotechar='"'), 1) if r]
+    """`vggsound.csv` rows in file order (`_vggsound_csv_rows`), refusing an empty file
+    and ids that are not YouTube ids (a file that is not VGGSound's meta)."""
+    rows = _vggsound_csv_rows(path)
     if not rows:
         raise ListError(f"{path}: empty; expected VGGSound's vggsound.csv (ytid,start_sec,label,split)")
-    out = []
-    for lineno, r in rows:
-        try:
-            start = int(r[1])
-            label = r[2]
-        except (IndexError, ValueError):
-            raise ListError(f"{path}:{lineno}: expected VGGSound's ytid,start_sec,label,split "
-                            f"(no header), got {r!r}") from None
-        if not re.fullmatch(_YT, r[0]):
-            raise ListError(f"{path}:{lineno}: {r[0]!r} is not an 11-character YouTube id")
-        out.append(MetaRow(lineno, r[0], f"{r[0]}_{start * 1000}_{(start + 10) * 1000}", label))
-    return out
+    for r in rows:
+        if not re.fullmatch(_YT, r.ytid):
+            raise ListError(f"{path}:{r.lineno}: {r.ytid!r} is not an 11-character YouTube id")
+    return rows
 
 
 def parse_sparse_classes(path: PathLike) -> list[str]:
