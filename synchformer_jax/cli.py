@@ -335,6 +335,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from synchformer_jax import checkpoint, train
     from synchformer_jax.evaluators.coverage import list_coverage
+    from synchformer_jax.metric_writers import json_values
     from synchformer_jax.input import pipeline
     from synchformer_jax.skip_log import SkipLog, gather_items
 
@@ -397,8 +398,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if warning:
             print(warning, file=sys.stderr)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(train.json_safe(record), indent=1, default=_json_default, allow_nan=False))
-        scalars = {k: v for k, v in train.json_safe(metrics).items() if isinstance(v, (int, float)) or v is None}
+        out.write_text(json.dumps(json_values(record), indent=1, default=_json_default, allow_nan=False))
+        scalars = {k: v for k, v in json_values(metrics).items() if isinstance(v, (int, float)) or v is None}
         print(json.dumps(scalars, allow_nan=False))
         print(f"wrote {out}")
     return 0
@@ -622,10 +623,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.overrides = extra
     try:
         return args.fn(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ShardError as e:  # an incomplete shard set or a directory of several splits: names the files
+    except (ConfigError, ShardError) as e:  # ShardError: an incomplete shard set, a folder of several splits
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (torch_pickle.TorchFileError, torch_pickle.UnsafePickleError, convert_torch.ConversionError,

@@ -7,8 +7,11 @@ The model part mirrors `ModelConfig` field by field, so that overrides such as
 """
 from __future__ import annotations
 
+import re
+
 import ml_collections
 
+from synchformer_jax.input.shards import FORMATS as DATA_FORMATS
 from synchformer_jax.models.config import (HEAD_OFFSET, HEAD_SYNCHRONIZABILITY, KIND_AVCLIP, KIND_SYNC,
                                            ModelConfig)
 
@@ -16,6 +19,7 @@ STAGE_AVCLIP = "segment_avclip"  # stage I
 STAGE_SYNC = "sync"  # stage II
 STAGE_SYNCHRONIZABILITY = "synchronizability"  # stage III
 STAGES = (STAGE_AVCLIP, STAGE_SYNC, STAGE_SYNCHRONIZABILITY)
+TFRECORD_ACCESS = ("indexed", "stream")  # `data.tfrecord_access`
 
 
 def model_config_for_stage(stage: str, base: ModelConfig | None = None) -> ModelConfig:
@@ -150,13 +154,13 @@ _CHOICES = {
     "stage": STAGES,
     "train.negatives": ("device", "global"),
     "optim.name": ("adam", "adamw"),
-    "data.format": ("array_record", "tfrecord"),
-    "data.tfrecord_access": ("indexed", "stream"),
+    "data.format": DATA_FORMATS,
+    "data.tfrecord_access": TFRECORD_ACCESS,
 }
+
+
 def check_values(config: ml_collections.ConfigDict) -> None:
     """Raise ValueError for a config value outside its choices (names the field and them)."""
-    import re
-
     for field, choices in _CHOICES.items():
         value = config
         for part in field.split("."):

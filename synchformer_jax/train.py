@@ -38,7 +38,6 @@ from synchformer_jax.skip_log import SkipLog
 
 log = logging.getLogger(__name__)
 Params = Any
-TFRECORD_ACCESS = ("indexed", "stream")  # `data.tfrecord_access` (experiment.py)
 
 
 class PartialInitError(ValueError):
@@ -270,8 +269,8 @@ def train_iterator(config, task: tasks.Task, paths: list[str]):
     checkpoints."""
     fmt = config.data.get("format", "array_record")
     access = config.data.get("tfrecord_access", "indexed")
-    if access not in TFRECORD_ACCESS:
-        raise ValueError(f"data.tfrecord_access must be one of {TFRECORD_ACCESS}, got {access!r}")
+    if access not in experiment.TFRECORD_ACCESS:
+        raise ValueError(f"data.tfrecord_access must be one of {experiment.TFRECORD_ACCESS}, got {access!r}")
     per_host = config.data.batch_size // jax.process_count()
     curriculum = config.data.get("window_curriculum") or {}
     phases = tuple(curriculum.get("phases") or ())
@@ -533,8 +532,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
 
-    from synchformer_jax import metric_writers
-
     writer = metric_writers.create_default_writer(workdir)
     rng = jax.random.key(config.seed + 1)
     flops_per_step = None
@@ -585,7 +582,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                     warning = eval_coverage.warning(final.get("clips_evaluated"))
                     if warning:
                         log.warning("eval at step %d: %s", step, warning)
-                writer.write(step, {"phase": "eval", **{k: v for k, v in json_safe(final).items()
+                writer.write(step, {"phase": "eval", **{k: v for k, v in metric_writers.json_values(final).items()
                                                         if k != "roc_curve"}})
                 log.info("eval at step %d: %s", step, {k: v for k, v in final.items() if isinstance(v, float)})
                 best = config.train.best_metric
@@ -607,15 +604,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         ckpts.close()
         preemption.restore()
     if jax.process_index() == 0 and final:
-        (workdir / "eval_metrics.json").write_text(json.dumps({"step": step, **json_safe(final)}, indent=1,
-                                                              allow_nan=False))
+        record = {"step": step, **metric_writers.json_values(final)}
+        (workdir / "eval_metrics.json").write_text(json.dumps(record, indent=1, allow_nan=False))
     return final
-
-
-def json_safe(value: Any) -> Any:
-    """Metrics as strict JSON values (numpy scalars as Python numbers, NaN/inf as null):
-    the metric log's conversion, so that both files read the same."""
-    return metric_writers.json_values(value)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 import pytest
 
-from synchformer_jax import cli, experiment, pretrained, train
+from synchformer_jax import cli, experiment, metric_writers, pretrained, train
 from synchformer_jax import prepare as prep
 from synchformer_jax.input import pipeline as pl
 from synchformer_jax.input import shards as shard_lib
@@ -183,7 +183,7 @@ def test_evaluation_of_nothing_is_an_error(data, tmp_path, capsys):
 
 
 def test_json_safe_writes_no_nan():
-    got = train.json_safe({"a": np.float32("nan"), "b": [1.0, float("inf")], "c": {"d": np.int64(3)}})
+    got = metric_writers.json_values({"a": np.float32("nan"), "b": [1.0, float("inf")], "c": {"d": np.int64(3)}})
     assert got == {"a": None, "b": [1.0, None], "c": {"d": 3}}
     assert _strict_json(json.dumps(got, allow_nan=False)) == got
 

@@ -12,12 +12,14 @@ what the evaluation scored.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 from typing import Optional, Sequence
 
-MANIFEST = "manifest.json"  # prepare.MANIFEST (not imported: prepare pulls in the media stack)
+from synchformer_jax.input import shard_sets
+from synchformer_jax.input.shards import ShardError
+
+MANIFEST = shard_sets.MANIFEST
 SHOWN_IDS = 20  # missing ids named in a report; the count is always complete
 
 
@@ -65,12 +67,13 @@ def _reason_counts(missing: Sequence[dict]) -> dict:
 
 
 def _read_manifest(directory: pathlib.Path) -> Optional[dict]:
+    """The prepare manifest of `directory`; None when there is none or it is unreadable
+    (then there is no account to give, not an error of the evaluation)."""
     try:
-        with open(directory / MANIFEST, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (OSError, ValueError):
+        manifest = shard_sets.read_manifest(str(directory))
+    except ShardError:
         return None
-    return manifest if isinstance(manifest.get("splits"), dict) else None
+    return manifest if manifest is not None and isinstance(manifest.get("splits"), dict) else None
 
 
 def list_coverage(paths: Sequence[str]) -> Optional[ListCoverage]:

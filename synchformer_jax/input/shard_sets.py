@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from synchformer_jax.input.shards import TMP_MARK, ShardError, parse_shard_name
 
-__all__ = ["MANIFEST", "PREPARE_SCHEMA", "expand_paths", "check_complete", "manifest_entry"]
+__all__ = ["MANIFEST", "PREPARE_SCHEMA", "expand_paths", "check_complete", "manifest_entry", "read_manifest"]
 
 MANIFEST = "manifest.json"
 PREPARE_SCHEMA = "synchformer-jax/prepare/1"
@@ -141,7 +141,7 @@ def check_complete(files: Sequence[str], spec: str) -> None:
         _check_manifest(key, spec)
 
 
-def _read_manifest(directory: str) -> Optional[dict]:
+def read_manifest(directory: str) -> Optional[dict]:
     """The prepare manifest of `directory`, or None (absent, or another tool's file)."""
     path = os.path.join(directory, MANIFEST)
     try:
@@ -158,7 +158,7 @@ def _read_manifest(directory: str) -> Optional[dict]:
 
 def _check_manifest(key: _SetKey, spec: str) -> None:
     directory, name, split, fmt = key
-    manifest = _read_manifest(directory)
+    manifest = read_manifest(directory)
     entry = (manifest or {}).get("splits", {}).get(split)
     if not entry or entry.get("name") != name or entry.get("format") != fmt:
         return
@@ -186,7 +186,7 @@ def manifest_entry(path: str) -> Optional[dict]:
     """The manifest's entry (`file`, `num_records`, `sha256`, `bytes`) for one shard, or None."""
     directory, name = os.path.split(os.path.abspath(path))
     try:
-        manifest = _read_manifest(directory)
+        manifest = read_manifest(directory)
     except ShardError:
         return None
     for entry in (manifest or {}).get("splits", {}).values():
