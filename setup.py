@@ -12,6 +12,8 @@ INSTALL_REQUIRES = [
     "grain>=0.2.12,<0.3",
     "array-record>=0.7,<0.9",
     "tensorflow-datasets>=4.9.8,<5",
+    # tfds imports it when a builder prepares a dataset (`tfds_clips`) but does not require it.
+    "importlib_resources>=5",
     "librosa>=0.10.2,<1.1",
     "ml-collections>=1.0,<2",
     # PyAV 19 bundles an FFmpeg whose mp4/AAC decode trims the encoder priming and end

@@ -371,7 +371,7 @@ def load_job(job: Job, loader: Optional[Callable] = None, max_duration_sec: Opti
     return {"ok": True, "clip_id": job.clip_id, "data": data, "duration_sec": float(rec.duration_sec)}
 
 
-def _run_ordered(fn: Callable[[Job], dict], jobs: Sequence[Job], num_workers: int) -> Iterator[dict]:
+def run_ordered(fn: Callable[[Job], dict], jobs: Sequence[Job], num_workers: int) -> Iterator[dict]:
     """`fn(job)` for every job, yielded in job order, on `num_workers` processes (0: inline)."""
     if num_workers <= 0:
         yield from map(fn, jobs)
@@ -611,7 +611,7 @@ def prepare(inputs: Sequence[PathLike], out_dir: PathLike, *, format: str = "arr
     from tqdm import tqdm
 
     bar = tqdm(total=len(jobs), unit="clip", desc="prepare", disable=not progress, file=sys.stderr)
-    results = _run_ordered(fn, jobs, min(num_workers, len(jobs)) if jobs else 0)
+    results = run_ordered(fn, jobs, min(num_workers, len(jobs)) if jobs else 0)
 
     def counted(n: int) -> Iterator[dict]:
         for _ in range(n):

@@ -9,7 +9,8 @@ Layout (little-endian), chosen so that decoding is a JSON parse and zero-copy vi
     b"SFJR" | u32 version | u32 header_len | header (UTF-8 JSON) | blobs
 The header lists each blob as `[offset, length]` relative to the blob area, plus dtype
 and shape for arrays. Nothing here needs TensorFlow; the same bytes go into ArrayRecord
-and TFRecord shards.
+and TFRecord shards. Readers also take a record wrapped in a `tf.Example` as its bytes
+feature `record` (how the TFDS builder `tfds_clips` stores it).
 """
 from __future__ import annotations
 
@@ -96,8 +97,33 @@ def decode(data: bytes) -> ClipRecord:
     return ClipRecord(video_mp4=bytes(blob("video_mp4")), audio=audio, **header)
 
 
+def _tf_example_record(view: memoryview) -> memoryview:
+    """The record inside a `tf.Example` (TFDS datasets of `tfds_clips.SynchformerClips`
+    store it as the bytes feature `record`). `view` is not a record either way; the
+    error says which kind of foreign bytes it is."""
+    from google.protobuf.message import DecodeError
+    from tensorflow_datasets.proto import tf_example_generated_pb2 as tf_example
+
+    example = tf_example.Example()
+    try:
+        example.ParseFromString(bytes(view))
+    except DecodeError:
+        raise RecordError(f"not a synchformer-jax record (magic {bytes(view[:4])!r})") from None
+    features = example.features.feature
+    if "record" not in features:
+        raise RecordError("a tf.Example without a 'record' feature (it has: "
+                          f"{', '.join(sorted(features)) or 'none'}), not a clip of synchformer_jax.tfds_clips; "
+                          "make records with `synchformer-jax prepare` or that builder")
+    values = features["record"].bytes_list.value
+    if len(values) != 1:
+        raise RecordError(f"a tf.Example whose 'record' feature holds {len(values)} byte strings, not 1")
+    return memoryview(values[0])
+
+
 def _split(data: bytes) -> tuple[dict[str, Any], memoryview]:
     view = memoryview(data)
+    if view[:len(MAGIC)] != MAGIC and view[:1] == b"\x0a":  # a tf.Example's first field tag
+        view = _tf_example_record(view)
     if len(view) < _PREFIX.size:
         raise RecordError(f"record of {len(view)} bytes is too short")
     magic, version, head_len = _PREFIX.unpack_from(view)
