@@ -175,6 +175,24 @@ def stream_peak(attr: StreamAttribution, event_interval: int, *, window: tuple[i
             "significant": z >= min_z, "peak_at_event": bool(at_event and z >= min_z)}
 
 
+class DistractorError(ValueError):
+    """The distractor clip cannot fill the masked intervals (its frames or length)."""
+
+
+def check_counts(*, num_samples: int, batch_size: int, tolerance: int, p_mask: float) -> None:
+    """ValueError for settings that give no scores: no masks (every score NaN), no batch,
+    a negative tolerance (no prediction counts), a mask probability of 0 or 1 (no mask
+    both keeps and replaces an interval)."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples (masks per stream) must be >= 1, got {num_samples}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size (masks per model call) must be >= 1, got {batch_size}")
+    if tolerance < 0:
+        raise ValueError(f"tolerance (classes from the true one) must be >= 0, got {tolerance}")
+    if not 0.0 < p_mask < 1.0:
+        raise ValueError(f"p_mask must be in (0, 1), got {p_mask}")
+
+
 def attribute_stream(predict_masks: Callable[[np.ndarray], Any], num_intervals: int, true_class: int, *,
                      num_samples: int = 256, batch_size: int = 32, tolerance: int = 1,
                      p_mask: float = 0.5, seed: int | Sequence[int] = 0) -> StreamAttribution:
@@ -184,6 +202,7 @@ def attribute_stream(predict_masks: Callable[[np.ndarray], Any], num_intervals: 
     of exactly `batch_size` (the last batch is padded by repeating its first mask, and
     the padding is dropped), so a jitted `predict_masks` compiles once.
     """
+    check_counts(num_samples=num_samples, batch_size=batch_size, tolerance=tolerance, p_mask=p_mask)
     rng = np.random.default_rng(seed)
     masks = sample_masks(rng, num_samples, num_intervals, p_mask)
     preds = np.empty(num_samples, np.int64)
@@ -394,6 +413,7 @@ def attribute_clip(model, params, frames: np.ndarray, audio: np.ndarray, *, v_st
     """
     from synchformer_jax.models.config import HEAD_OFFSET, KIND_SYNC
 
+    check_counts(num_samples=num_samples, batch_size=batch_size, tolerance=tolerance, p_mask=p_mask)
     cfg = model.config
     if cfg.kind != KIND_SYNC or cfg.sync.head != HEAD_OFFSET:
         raise ValueError(f"attribution needs an offset model (kind {KIND_SYNC!r}, head {HEAD_OFFSET!r}); "
@@ -420,9 +440,9 @@ def attribute_clip(model, params, frames: np.ndarray, audio: np.ndarray, *, v_st
     dv0, da0 = transforms.sec2frames(distractor_start_sec, VIDEO_FPS), transforms.sec2frames(distractor_start_sec,
                                                                                             AUDIO_RATE)
     if d_frames.dtype != np.uint8 or d_frames.ndim != 4:
-        raise ValueError(f"distractor frames must be uint8 [T, H, W, 3]; got {d_frames.dtype} {d_frames.shape}")
+        raise DistractorError(f"distractor frames must be uint8 [T, H, W, 3]; got {d_frames.dtype} {d_frames.shape}")
     if d_frames.shape[0] < dv0 + tc.v_crop_len or d_audio.shape[0] < da0 + tc.a_crop_len:
-        raise ValueError(f"the distractor is too short: needs {tc.v_crop_len} frames and {tc.a_crop_len} samples "
+        raise DistractorError(f"the distractor is too short: needs {tc.v_crop_len} frames and {tc.a_crop_len} samples "
                          f"from {distractor_start_sec} s; has {d_frames.shape[0]} frames, {d_audio.shape[0]} samples")
     dist_v = np.ascontiguousarray(_center_crop(d_frames[dv0:dv0 + tc.v_crop_len], crop))
     dist_a = np.ascontiguousarray(d_audio[da0:da0 + tc.a_crop_len])
@@ -703,6 +723,10 @@ def attribute_cli(args: argparse.Namespace) -> int:
             return usage(f"{flag} must be a finite number >= 0, got {value}")
     if not math.isfinite(args.offset_sec):
         return usage(f"--offset-sec must be a finite number of seconds, got {args.offset_sec}")
+    for flag, value, least in (("--samples", args.samples, 1), ("--batch-size", args.batch_size, 1),
+                               ("--chunk-size", args.chunk_size, 1), ("--tolerance", args.tolerance, 0)):
+        if value is not None and value < least:  # check_counts' rules, in the CLI's words
+            return usage(f"{flag} must be >= {least}, got {value}")
     out = pathlib.Path(args.out)
     try:
         clip = media.conform(args.video)
@@ -732,6 +756,9 @@ def attribute_cli(args: argparse.Namespace) -> int:
                                 num_samples=args.samples, batch_size=args.batch_size, tolerance=args.tolerance,
                                 seed=args.seed, chunk_size=args.chunk_size,
                                 match_audio_level=args.match_audio_level)
+    except DistractorError as e:
+        print(f"error: {args.distractor}: {e}", file=sys.stderr)
+        return 2
     except ValueError as e:
         print(f"error: {args.video}: {e}", file=sys.stderr)
         return 2
@@ -742,6 +769,11 @@ def attribute_cli(args: argparse.Namespace) -> int:
     print(f"{result.describe_truth()}, predicted "
           f"{result.predicted_offset_sec:+.2f} s (class {result.predicted_class}); correct masks: video "
           f"{result.video.num_correct}/{args.samples}, audio {result.audio.num_correct}/{args.samples}")
+    for name, stream in (("video", result.video), ("audio", result.audio)):
+        if not stream.num_correct:
+            print(f"note: no {name}-masked prediction was within --tolerance {args.tolerance} of the true class, "
+                  f"so the {name} scores are undefined (null): the model does not find this offset once "
+                  f"parts of the {name} are replaced (try a larger --tolerance or another clip)", file=sys.stderr)
     print(f"wrote {out / 'attribution.json'}")
     if not args.no_plot:
         try:

@@ -302,7 +302,7 @@ def test_attribute_cli_offsets_off_and_outside_the_grid(tiny_run, tmp_path, caps
     rc = cli.main(["attribute", *common, "--v-start-sec", "0.5", "--offset-sec", "0.3"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    (warning,) = captured.err.splitlines()
+    (warning,) = [line for line in captured.err.splitlines() if not line.startswith("note: no ")]
     assert warning.startswith("warning: --offset-sec +0.30 s is not a class") and "class, 12 (+0.40 s)" in warning
     assert captured.out.startswith("true offset +0.30 s (between classes: scored against the nearest, "
                                    "class 12 = +0.40 s), predicted ")
@@ -320,6 +320,34 @@ def test_attribute_cli_offsets_off_and_outside_the_grid(tiny_run, tmp_path, caps
     with pytest.raises(ValueError, match="outside the model's class grid"):
         at.attribute_clip(sf.Synchformer(CONFIG), tiny_run["params"], frames, audio, v_start_sec=0.5,
                           offset_sec=-2.2, distractor_frames=frames, distractor_audio=audio)
+
+
+def test_attribute_cli_refuses_counts_that_give_no_scores(tiny_run, tmp_path, capsys):
+    """No masks, no batch, a negative tolerance: usage errors (exit 2) before any work,
+    where they were a ZeroDivisionError traceback or an all-null JSON with exit 0. A
+    distractor too short for the crop is named as the file at fault."""
+    model_dir = pretrained.save_model(tmp_path / "model", tiny_run["params"], CONFIG)
+    frames, audio, _ = synthetic.make_clip_with_events(4, [3.0], duration_sec=6.0, height=64, width=64)
+    video = _write_clip(tmp_path / "clip.mkv", frames, audio)
+    short = _write_clip(tmp_path / "short.mkv", frames[:50], audio[:32000])
+    out = tmp_path / "out"
+    common = [str(video), "--checkpoint", str(model_dir), "--no-plot", "--out", str(out)]
+    for extra, words in ((["--samples", "0"], "--samples must be >= 1, got 0"),
+                         (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+                         (["--tolerance", "-1"], "--tolerance must be >= 0, got -1"),
+                         (["--chunk-size", "0"], "--chunk-size must be >= 1, got 0")):
+        assert cli.main(["attribute", *common, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err, err
+    assert not out.exists()
+    assert cli.main(["attribute", *common, "--samples", "8", "--batch-size", "8", "--distractor", str(short)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {short}: the distractor is too short"), err
+    for kw, words in ((dict(num_samples=0), "num_samples"), (dict(batch_size=0), "batch_size"),
+                      (dict(tolerance=-1), "tolerance"), (dict(p_mask=1.0), "p_mask")):
+        with pytest.raises(ValueError, match=words):
+            at.attribute_clip(sf.Synchformer(CONFIG), tiny_run["params"], frames, audio, v_start_sec=0.5,
+                              offset_sec=0.0, distractor_frames=frames, distractor_audio=audio, **kw)
 
 
 # ------------------------------------------------------------ isolated-event check
