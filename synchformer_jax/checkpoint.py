@@ -63,11 +63,14 @@ class RunCheckpoints:
         if self.best is not None:
             self.best.save(step, args=self._args(state, data_state, config), metrics=metrics, force=True)
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, Any]:
-        """`abstract_state`: ShapeDtypeStructs with shardings (restores straight to devices)."""
-        out = self.latest.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-        return out.state, out.data
+    def restore(self, step: int, abstract_state: Any) -> Any:
+        """The train state; `abstract_state`: ShapeDtypeStructs with shardings (restores
+        straight to devices)."""
+        return self.latest.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
+
+    def saved_data_state(self, step: int) -> Any:
+        """The data state that `step` was saved with (JSON values)."""
+        return self.latest.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
 
     def saved_config(self, step: int) -> dict:
         """The config that wrote `step` (as JSON values)."""

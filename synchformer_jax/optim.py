@@ -21,9 +21,16 @@ from flax import traverse_util
 Params = Any
 
 
-def learning_rate(optim: ml_collections.ConfigDict, num_devices: int, total_steps: int) -> optax.Schedule:
+def device_scaled(optim: ml_collections.ConfigDict, num_devices: int) -> tuple[float, int]:
+    """`(peak lr, warm-up steps)` after the official device-count rules (stage II: lr x
+    devices; stage I: warm-up // devices), as the config asks for them."""
     peak = optim.lr * (num_devices if optim.lr_per_device else 1)
     warmup = max(optim.warmup_steps // num_devices if optim.warmup_divided_by_devices else optim.warmup_steps, 0)
+    return peak, warmup
+
+
+def learning_rate(optim: ml_collections.ConfigDict, num_devices: int, total_steps: int) -> optax.Schedule:
+    peak, warmup = device_scaled(optim, num_devices)
     if optim.schedule == "cosine":
         decay_steps = max(total_steps - warmup, 1)
 

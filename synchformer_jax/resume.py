@@ -18,6 +18,20 @@ config that wrote it, so the restart can say what a changed config does:
 
 Keys that exist on one side only (a config written by an older version) are not
 changes: a new key's default is what the older code did.
+
+A restart may also find other hardware (a preempted pod job restarted on another slice).
+The checkpoint's data state (`RunPosition`) records what that needs:
+
+* The device count the run's recipe was scaled for: the official recipes scale the
+  learning rate (stages II/III) and divide the warm-up (stage I) by the number of
+  devices, and stage I draws InfoNCE negatives per device. A restart on other devices
+  keeps the recipe the run started with (the same optimisation, the same pools), logs it,
+  and records the device count's change (`run.devices`).
+* The process count and the number of examples consumed: the saved iterator state counts
+  positions in each process's slice of the global stream, so on another process count
+  it would repeat or skip data. There the stream starts again at the global example the
+  run had reached (`run.processes` recorded), which holds the same examples as the
+  uninterrupted run's, up to the records skipped as broken.
 """
 from __future__ import annotations
 
@@ -25,7 +39,7 @@ import dataclasses
 import json
 import logging
 import pathlib
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import ml_collections
 
@@ -57,6 +71,42 @@ class Change:
         value = self.before
         text = json.dumps(value) if not isinstance(value, str) else (value if value else "''")
         return f"--config.{self.key}={text}"
+
+
+DATA_STATE_FORMAT = 2  # 1: the bare iterator state (before RunPosition)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPosition:
+    """A checkpoint's data state: the iterator's state and where the run stands."""
+    iterator: Any
+    examples: Optional[int]  # global training examples consumed (None: format 1)
+    processes: Optional[int]  # process count that wrote the iterator state
+    devices: Optional[int]  # device count of the writing run
+    recipe_devices: Optional[int]  # device count the device-scaled recipe uses
+
+    def to_json(self) -> dict:
+        return {"format": DATA_STATE_FORMAT, "iterator": self.iterator, "examples": self.examples,
+                "processes": self.processes, "devices": self.devices, "recipe_devices": self.recipe_devices}
+
+    @classmethod
+    def from_json(cls, saved: Any) -> "RunPosition":
+        if not (isinstance(saved, dict) and "format" in saved):
+            return cls(saved, None, None, None, None)
+        if saved["format"] > DATA_STATE_FORMAT:
+            raise ResumeError(f"the checkpoint's data state has format {saved['format']}, newer than this "
+                              f"synchformer-jax reads ({DATA_STATE_FORMAT}): update it to resume")
+        return cls(saved["iterator"], saved["examples"], saved["processes"], saved["devices"],
+                   saved["recipe_devices"])
+
+    def topology_changes(self, processes: int, devices: int) -> list["Change"]:
+        """The hardware changes of a restart, as config-like changes (`run.*`)."""
+        found = []
+        if self.processes is not None and self.processes != processes:
+            found.append(Change("run.processes", self.processes, processes))
+        if self.devices is not None and self.devices != devices:
+            found.append(Change("run.devices", self.devices, devices))
+        return found
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

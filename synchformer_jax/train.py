@@ -67,6 +67,7 @@ class Trainer:
     state_shardings: Any
     train_step: Callable
     predict_step: Callable
+    recipe_devices: int  # the device count the device-scaled recipe (lr, warm-up, stage-I pools) uses
 
 
 # ---------------------------------------------------------------- parameters ----------
@@ -136,11 +137,15 @@ def init_from(params: Params, source: str, config: ml_collections.ConfigDict,
 
 
 # ---------------------------------------------------------------- steps ---------------
-def build_trainer(config: ml_collections.ConfigDict, mesh: Optional[jax.sharding.Mesh] = None) -> Trainer:
+def build_trainer(config: ml_collections.ConfigDict, mesh: Optional[jax.sharding.Mesh] = None,
+                  recipe_devices: Optional[int] = None) -> Trainer:
+    """`recipe_devices`: the device count the official device-scaled rules use (peak lr x
+    devices, warm-up / devices, stage-I InfoNCE pools per device); default the mesh's. A
+    resumed run passes the count it started with (`resume.RunPosition`)."""
     mesh = mesh or sharding.mesh_from_config(config.mesh)
     model_config = experiment.model_config(config)
-    num_devices = mesh.size
-    pools = mesh.size if (config.stage == experiment.STAGE_AVCLIP and config.train.negatives == "device") else 1
+    num_devices = recipe_devices or mesh.size
+    pools = num_devices if (config.stage == experiment.STAGE_AVCLIP and config.train.negatives == "device") else 1
     if config.stage == experiment.STAGE_AVCLIP and config.train.get("pool_clips", 0):
         pools = config.data.batch_size // config.train.pool_clips
     task = tasks.get_task(config.stage, model_config, pools)
@@ -172,7 +177,7 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: Optional[jax.sharding
     train_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding, repl),
                          out_shardings=(state_shardings, repl), donate_argnums=(0,))
     predict_step = jax.jit(task.predict_fn, in_shardings=(state_shardings.params, batch_sharding))
-    return Trainer(config, task, mesh, tx, schedule, state_shardings, train_step, predict_step)
+    return Trainer(config, task, mesh, tx, schedule, state_shardings, train_step, predict_step, num_devices)
 
 
 def initial_state(trainer: Trainer, rng: jax.Array) -> tuple[TrainState, list[str]]:
@@ -261,12 +266,13 @@ def _synthetic_set(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
     return out
 
 
-def train_iterator(config, task: tasks.Task, paths: list[str]):
+def train_iterator(config, task: tasks.Task, paths: list[str], start_example: int = 0):
     """Training batches of this host: ArrayRecord or, with `data.format = "tfrecord"`,
     TFRecord shards read by random access (`data.tfrecord_access = "indexed"`: the same
     global shuffle and batches as ArrayRecord) or streamed (`"stream"`: split between hosts
     by shard, window-shuffled); the iterator's `get_state` / `set_state` go into the
-    checkpoints."""
+    checkpoints. `start_example`: begin at that global example (`pipeline.train_dataset`;
+    not for the stream, whose hosts read whole shards)."""
     fmt = config.data.get("format", "array_record")
     access = config.data.get("tfrecord_access", "indexed")
     if access not in experiment.TFRECORD_ACCESS:
@@ -289,12 +295,16 @@ def train_iterator(config, task: tasks.Task, paths: list[str]):
     kw = dict(batch_size=per_host, seed=config.seed, process_index=jax.process_index(),
               process_count=jax.process_count(), num_workers=config.data.num_workers, augment=augment)
     if fmt == "tfrecord" and access == "stream":
+        if start_example:
+            raise ValueError("a streamed TFRecord run cannot start at a global example (its hosts read whole "
+                             "shards); use data.tfrecord_access=\"indexed\"")
         ds = pipeline.tfrecord_train_dataset(paths, task.example_spec, **kw)
     elif fmt == "tfrecord":
         ds = pipeline.tfrecord_indexed_train_dataset(paths, task.example_spec, read_threads=config.data.read_threads,
-                                                     **kw)
+                                                     start_example=start_example, **kw)
     elif fmt == "array_record":
-        ds = pipeline.train_dataset(paths, task.example_spec, read_threads=config.data.read_threads, **kw)
+        ds = pipeline.train_dataset(paths, task.example_spec, read_threads=config.data.read_threads,
+                                    start_example=start_example, **kw)
     else:
         raise ValueError(f"data.format must be 'array_record' or 'tfrecord', got {fmt!r}")
     return iter(ds)
@@ -491,6 +501,40 @@ def _compile_step(trainer: Trainer, state: TrainState, batch: dict, rng: jax.Arr
     return compiled, flops
 
 
+def _resumed_data(config: ml_collections.ConfigDict, trainer: Trainer, paths: list[str], position,
+                  examples: int, workdir: pathlib.Path, step: int, changed: list) -> Iterator:
+    """The training iterator of a resumed run: restored from the saved state, or, on another
+    process count (whose slices the saved positions do not fit), begun at the global example
+    the run reached. A feature cache's state (the step) fits any process count."""
+    from synchformer_jax import resume
+
+    cached = bool(config.data.get("feature_cache", "")) and trainer.task.stage == experiment.STAGE_SYNC
+    if trainer.recipe_devices != trainer.mesh.size:
+        peak, warmup = optim.device_scaled(config.optim, trainer.recipe_devices)
+        log.warning("resuming on %d devices a run that started on %d: it keeps the recipe it was scaled for "
+                    "(peak learning rate %.4g, warm-up %d steps, stage-I negatives in %d pools)",
+                    trainer.mesh.size, trainer.recipe_devices, peak, warmup, trainer.task.negative_pools)
+    if position.processes in (None, jax.process_count()) or cached:
+        if position.examples is None and config.data.num_workers > 1:
+            log.warning("the checkpoint of step %d predates batches that do not depend on data.num_workers: with "
+                        "%d workers the examples of the epoch in progress come in another order from here on",
+                        step, config.data.num_workers)
+        data_iter = train_iterator(config, trainer.task, paths)
+        try:
+            data_iter.set_state(position.iterator)
+        except (KeyError, TypeError, IndexError, ValueError) as exc:  # grain: another pipeline's state
+            raise resume.iterator_error(workdir, step, changed, exc) from exc
+        return data_iter
+    log.warning("resuming on %d processes a run saved by %d: its data iterator state counts positions in each "
+                "process's slice, so the stream starts again at global example %d (the examples the run consumed)",
+                jax.process_count(), position.processes, examples)
+    try:
+        return train_iterator(config, trainer.task, paths, start_example=examples)
+    except ValueError as exc:
+        raise resume.ResumeError(f"{workdir}: step {step} was saved by {position.processes} processes, this run "
+                                 f"has {jax.process_count()}: {exc}") from exc
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     """Train `config.train.num_steps` steps (resuming from `workdir` if it holds a run),
     evaluating every `eval_every` steps and at the end. Returns the final metrics."""
@@ -498,30 +542,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    trainer = build_trainer(config)
-    train_paths, eval_paths = data_paths(config, workdir)
     ckpts = checkpoint.RunCheckpoints(workdir, config.train.keep_checkpoints, config.train.best_metric)
-    data_iter = train_iterator(config, trainer.task, train_paths)
     start = ckpts.latest_step()
+    position = resume.RunPosition.from_json(ckpts.saved_data_state(start)) if start is not None else None
+    trainer = build_trainer(config, recipe_devices=position.recipe_devices if position else None)
+    train_paths, eval_paths = data_paths(config, workdir)
     if start is None:
+        data_iter = train_iterator(config, trainer.task, train_paths)
         state, notes = initial_state(trainer, jax.random.key(config.seed))
         for note in notes:
             log.info(note)
-        start = 0
+        start, examples = 0, 0
     else:
-        changed = resume.changes(ckpts.saved_config(start), config)
+        saved_config = ckpts.saved_config(start)
+        changed = resume.changes(saved_config, config)
         resume.check_architecture(workdir, start, changed)
         abstract = checkpoint.abstract_with_shardings(
             _abstract_state(trainer.task, trainer.tx, config.optim.frozen), trainer.state_shardings)
         try:
-            state, data_state = ckpts.restore(start, abstract)
+            state = ckpts.restore(start, abstract)
         except (ValueError, KeyError, TypeError) as exc:  # orbax: another tree or other shapes
             raise resume.state_error(workdir, start, changed, exc) from exc
-        try:
-            data_iter.set_state(data_state)
-        except (KeyError, TypeError, IndexError, ValueError) as exc:  # grain: another pipeline's state
-            raise resume.iterator_error(workdir, start, changed, exc) from exc
-        resume.record(workdir, start, changed, write=jax.process_index() == 0)
+        # Format-1 states (no count) come from runs whose batch size is the saved config's.
+        examples = (position.examples if position.examples is not None
+                    else start * int(saved_config.get("data", {}).get("batch_size", config.data.batch_size)))
+        data_iter = _resumed_data(config, trainer, train_paths, position, examples, workdir, start, changed)
+        resume.record(workdir, start, changed + position.topology_changes(jax.process_count(), trainer.mesh.size),
+                      write=jax.process_index() == 0)
         log.info("resumed from step %d", start)
     if config.data.get("feature_cache", "") and trainer.task.stage == experiment.STAGE_SYNC:
         # Only now are the run's frozen extractors known (init_from or the checkpoint).
@@ -590,10 +637,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                     # A misspelt metric would silently never save a best checkpoint.
                     raise ValueError(f"train.best_metric={best!r} is not reported by this evaluation; it reports "
                                      + ", ".join(sorted(k for k, v in final.items() if isinstance(v, (int, float)))))
+            examples += config.data.batch_size
             if step % config.train.checkpoint_every == 0 or step == config.train.num_steps or preemption.requested:
-                ckpts.save(step, state, data_iter.get_state(), config, force=True)
+                data_state = resume.RunPosition(data_iter.get_state(), examples, jax.process_count(),
+                                                trainer.mesh.size, trainer.recipe_devices).to_json()
+                ckpts.save(step, state, data_state, config, force=True)
                 if evaluate_now and config.train.best_metric in final:
-                    ckpts.save_best(step, state, data_iter.get_state(), config,
+                    ckpts.save_best(step, state, data_state, config,
                                     {config.train.best_metric: final[config.train.best_metric]})
             if preemption.requested:
                 log.warning("preemption notice: saved step %d, stopping", step)

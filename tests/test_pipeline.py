@@ -248,6 +248,29 @@ def test_worker_order_is_a_lazy_bijection():
     assert len(pl._WorkerBatchOrder(endless, 3, 4)) % 12 == 0
 
 
+def test_a_start_example_continues_the_global_stream_on_any_host_count(data):
+    """A restart on another number of hosts begins at the global example the run reached:
+    its global batches hold the same examples, with the same draws, as the uninterrupted
+    run's (one host here, 4 steps of 4 over an epoch boundary; the restart after 2 steps)."""
+    ref = _train_batches(data["train"], 4, batch_size=4, seed=5)
+
+    def rows(batches):
+        return {int(i): {k: b[k][r] for k in ("video", "audio", "offset_target")}
+                for b in batches for r, i in enumerate(b["index"])}
+
+    for hosts, workers in ((1, 0), (2, 0), (2, 2), (4, 0)):
+        per_host = [_train_batches(data["train"], 2, batch_size=4 // hosts, seed=5, start_example=8,
+                                   process_index=p, process_count=hosts, num_workers=workers)
+                    for p in range(hosts)]
+        for step in range(2):
+            got = rows([h[step] for h in per_host])
+            want = rows([ref[2 + step]])
+            assert sorted(got) == sorted(want) == list(range(8 + 4 * step, 12 + 4 * step)), (hosts, step)
+            for i in want:
+                for k in want[i]:
+                    np.testing.assert_array_equal(got[i][k], want[i][k], err_msg=f"{hosts} hosts, example {i}, {k}")
+
+
 def test_hosts_read_disjoint_slices_of_one_global_shuffle(data):
     spec = pl.ExampleSpec(stage="sync", train=True)
 

@@ -243,6 +243,42 @@ def test_a_restart_with_other_settings_resumes_and_records_them(resume_config, u
             in pretrained.load_model(workdir).notes)
 
 
+def test_a_restart_on_other_hardware_keeps_the_recipe_and_the_data_position(shards, cache_dir, tmp_path):
+    """A preempted run restarted on another slice. Stage II with the official lr x devices:
+    4 steps on 2 devices; a copy restarts from its step-2 checkpoint on 1 device, its data
+    state marked as written by 2 processes (a 2-process run's per-process positions would
+    repeat data on 1 process; the saved state is not used there). Steps 3 and 4 draw the
+    uninterrupted run's examples at its learning rate (before: half of it, and on another
+    process count the saved per-process positions), and the changes are on record."""
+    config = th.small_config(experiment.STAGE_SYNC, shards, **{"optim.lr_per_device": True})
+    config_path = th.write_config(config, tmp_path / "scaled.json")
+    full, restarted = tmp_path / "full", tmp_path / "restarted"
+    th.run_driver(config_path, full, local_devices=2, cache_dir=cache_dir,
+                  extra=["--batch-log", str(tmp_path / "full.jsonl")])
+    shutil.copytree(full, restarted)
+    for step in (3, 4):
+        shutil.rmtree(restarted / checkpoint.CHECKPOINTS / str(step))
+    shutil.rmtree(restarted / checkpoint.BEST)  # step 4's; the restart saves it again
+    data_file = restarted / "checkpoints" / "2" / "data" / "metadata"
+    saved = json.loads(data_file.read_text())
+    assert (saved["format"], saved["examples"], saved["processes"], saved["devices"]) == (2, 16, 1, 2)
+    data_file.write_text(json.dumps(dict(saved, processes=2, iterator={"not": "a state this process can use"})))
+    th.run_driver(config_path, restarted, local_devices=1, cache_dir=cache_dir,
+                  extra=["--batch-log", str(tmp_path / "restarted.jsonl")])
+
+    a, b = th.read_batch_log(tmp_path / "full.jsonl"), th.read_batch_log(tmp_path / "restarted.jsonl")
+    assert sorted(b) == [3, 4]
+    for step in (3, 4):
+        assert b[step][0]["index"] == a[step][0]["index"] and b[step][0]["digest"] == a[step][0]["digest"], step
+    lr_a, lr_b = th.read_metrics(full), th.read_metrics(restarted)
+    for step in (3, 4):
+        assert lr_b[step]["learning_rate"] == lr_a[step]["learning_rate"] > 0, step
+    assert resume.history(restarted) == [{"step": 2, "changes": {"run.processes": [2, 1], "run.devices": [2, 1]}}]
+    _, _, data_state, _ = checkpoint.restore_on_host(restarted)
+    assert (data_state["examples"], data_state["processes"], data_state["devices"],
+            data_state["recipe_devices"]) == (32, 1, 1, 2)
+
+
 def test_config_changes_compare_only_keys_both_configs_have():
     saved = {"model": {"sync": {"n_head": 2}}, "data": {"crop": [1, 2], "gone": 1}, "seed": 1}
     current = {"model": {"sync": {"n_head": 2, "new_key": True}}, "data": {"crop": (1, 2)}, "seed": 7}

@@ -90,8 +90,8 @@ def _install_batch_log(train, checkpoint, workdir: pathlib.Path, path: pathlib.P
     ckpts.close()
     original = train.train_iterator
 
-    def train_iterator(config, task, paths):
-        return _LoggedIterator(original(config, task, paths), path, first)
+    def train_iterator(config, task, paths, **kw):
+        return _LoggedIterator(original(config, task, paths, **kw), path, first)
 
     train.train_iterator = train_iterator
 

@@ -756,7 +756,8 @@ def _check_host(process_index: int, process_count: int):
 def train_dataset(paths, spec: ExampleSpec, *, batch_size: int, seed: int,
                   process_index: int = 0, process_count: int = 1, num_epochs: Optional[int] = None,
                   num_workers: int = 0, read_threads: int = 4, prefetch_buffer_size: int = 16,
-                  per_worker_buffer: int = 2, augment: Optional[Augment] = None) -> grain.IterDataset:
+                  per_worker_buffer: int = 2, augment: Optional[Augment] = None,
+                  start_example: int = 0) -> grain.IterDataset:
     """Training batches of `batch_size` examples (per host) from ArrayRecord shards.
 
     `num_epochs=None` repeats forever (each epoch reshuffled); with `num_epochs` set the
@@ -764,20 +765,26 @@ def train_dataset(paths, spec: ExampleSpec, *, batch_size: int, seed: int,
     record's report after the last batch rides on that batch. Iterate with `iter(ds)`;
     `get_state()` / `set_state()` on the iterator resume exactly. The batches are the same
     for every `num_workers` (see the module doc for what broken records change).
+
+    `start_example`: begin at this position of the global stream (all hosts' examples in
+    the order one host would read them), with the examples that position has in the full
+    stream: the continuation of a run that consumed that many examples, on any number of
+    hosts (a restart on another slice size, where the saved per-host state does not fit).
     """
     _check_host(process_index, process_count)
     return _train_batches(ArrayRecordSource(paths), spec, batch_size=batch_size, seed=seed,
                           process_index=process_index, process_count=process_count, num_epochs=num_epochs,
                           num_workers=num_workers, read_threads=read_threads,
                           prefetch_buffer_size=prefetch_buffer_size, per_worker_buffer=per_worker_buffer,
-                          augment=augment)
+                          augment=augment, start_example=start_example)
 
 
 def tfrecord_indexed_train_dataset(paths, spec: ExampleSpec, *, batch_size: int, seed: int,
                                    process_index: int = 0, process_count: int = 1,
                                    num_epochs: Optional[int] = None, num_workers: int = 0, read_threads: int = 4,
                                    prefetch_buffer_size: int = 16, per_worker_buffer: int = 2,
-                                   augment: Optional[Augment] = None, verify_crc: bool = True) -> grain.IterDataset:
+                                   augment: Optional[Augment] = None, verify_crc: bool = True,
+                                   start_example: int = 0) -> grain.IterDataset:
     """`train_dataset` over TFRecord shards: the same batches for the same records.
 
     One pass over the record headers of all shards, on every host (a seek and 12 bytes per
@@ -799,17 +806,21 @@ def tfrecord_indexed_train_dataset(paths, spec: ExampleSpec, *, batch_size: int,
                           process_index=process_index, process_count=process_count, num_epochs=num_epochs,
                           num_workers=num_workers, read_threads=read_threads,
                           prefetch_buffer_size=prefetch_buffer_size, per_worker_buffer=per_worker_buffer,
-                          augment=augment)
+                          augment=augment, start_example=start_example)
 
 
 def _train_batches(src, spec: ExampleSpec, *, batch_size: int, seed: int, process_index: int, process_count: int,
                    num_epochs: Optional[int], num_workers: int, read_threads: int, prefetch_buffer_size: int,
-                   per_worker_buffer: int, augment: Optional[Augment]) -> grain.IterDataset:
+                   per_worker_buffer: int, augment: Optional[Augment], start_example: int = 0) -> grain.IterDataset:
     """The training pipeline over a random-access source (`len`, `src[i]`, `src.paths`)."""
+    if start_example < 0:
+        raise ValueError(f"start_example must be >= 0, got {start_example}")
     ds = grain.MapDataset.source(src).seed(seed).shuffle().repeat(num_epochs)
     # random_map before the host slice: each example's generator comes from its global
     # position, so the draws do not depend on the number of hosts.
     ds = ds.map_with_index(_with_index).random_map(_IndexedRandomProcess(spec, augment))
+    if start_example:
+        ds = ds[start_example:]  # after the indexed draws: the examples keep their global positions' draws
     ds = _in_worker_order(ds[process_index::process_count], num_workers, batch_size)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size))
     return _finish_train(it, batch_size, num_workers, per_worker_buffer, finite=num_epochs is not None,
