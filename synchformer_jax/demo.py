@@ -172,18 +172,21 @@ def build_stage2_cache(config: ml_collections.ConfigDict, train_paths) -> dict:
     """The stage-II feature cache (`config.data.feature_cache`) of `train_paths`, made by
     the extractors stage II starts from (its `init_from`, i.e. stage I's last checkpoint)
     and keeps frozen, so every cached entry is what the stage would compute itself.
-    Kept when its manifest exists and names the same extractor weights (a resumed demo)."""
+    Computed in the stage's own `train.compute_dtype` (training refuses features of another).
+    Kept when its manifest exists and names the same extractor weights and compute dtype
+    (a resumed demo)."""
     import jax
 
     from synchformer_jax import feature_cache, train
 
     trainer = train.build_trainer(config)
     state, _ = train.initial_state(trainer, jax.random.key(config.seed))
-    params, model_config = jax.device_get(state.params), trainer.task.model_config.replace(dtype="float32")
+    params, model_config = jax.device_get(state.params), trainer.task.model_config
     manifest = pathlib.Path(config.data.feature_cache) / feature_cache.MANIFEST
     if manifest.exists():
         made = json.loads(manifest.read_text())
-        if made.get("extractor_params_sha256") == feature_cache.extractor_params_sha256(params):
+        if made.get("extractor_params_sha256") == feature_cache.extractor_params_sha256(params) \
+                and feature_cache.built_compute_dtype(made) == str(model_config.dtype):
             return made
     return feature_cache.build_feature_cache((params, model_config), train_paths, config.data.feature_cache)
 

@@ -45,8 +45,14 @@ event (its `anchor_sec`), widening phase by phase, before the uniform draw.
 Storage: ArrayRecord shards of per-clip records (`vfeat [Nv, 8, D]`, `afeat [Na, 6, D]`,
 clip id, counts) + `index.npz` (per-clip lengths / counts and `anchor_sec`, in record
 order; caches from before `anchor_sec` load with NaN anchors) +
-`manifest.json` (grid, crop, dtype, model config, sha256 of the extractor params,
-source shards with their size, mtime and sha256, bytes per clip, skipped records).
+`manifest.json` (grid, crop, storage dtype, model config (its `dtype`: the compute dtype
+of the features), sha256 of the extractor params, source shards with their size, mtime
+and sha256, bytes per clip, skipped records).
+
+Fit (`train_iterator`, `check_model_fit`): the model's segment grid and classes
+(`model.n_segments`, `model.video.num_frames`, `model.sync.num_offset_classes`,
+`model.sync.max_offset_sec`), extractor widths and compute dtype (`train.compute_dtype`)
+must be the cache's; a mismatch is a `CacheMismatchError` naming both and the fix.
 
 Staleness (`verify_for_training`, called by the trainer once its state exists): a cache
 only stands in for the clips when it was computed by the run's own frozen extractors
@@ -79,6 +85,7 @@ from synchformer_jax.input.shards import sha256_file
 __all__ = ["CacheGrid", "grid_for", "official_deviation", "encode_entry", "decode_entry",
            "build_feature_cache", "FeatureCache", "CacheTrainIterator", "train_iterator",
            "extractor_params_sha256", "shard_record", "verify_for_training", "CacheMismatchError",
+           "check_model_fit", "built_compute_dtype",
            "MANIFEST", "INDEX"]
 
 _log = logging.getLogger(__name__)
@@ -440,7 +447,7 @@ def build_feature_cache(model, shard_paths, out_dir, *, batch_size: int = 64, dt
         "grid": grid.to_dict(),
         "crop": {"kind": "centre", "size": img, "flip": False},
         "video_normalisation": "official float16 (half=True)",
-        "dtype": dtype.name,
+        "dtype": dtype.name,  # storage; the compute dtype is model_config["dtype"]
         "feature_dims": {"video": int(config.video.embed_dim), "audio": int(config.audio.hidden_size)},
         "model_config": config.to_dict(),
         "extractor_params_sha256": extractor_params_sha256(params),
@@ -783,6 +790,60 @@ class CacheTrainIterator:
         self.step = int(state["step"])
 
 
+def built_compute_dtype(manifest: dict) -> Optional[str]:
+    """The dtype the cached features were computed in: the building extractors'
+    `model_config["dtype"]` (the manifest's `dtype` is the storage dtype); None for a
+    manifest without it."""
+    dtype = (manifest.get("model_config") or {}).get("dtype")
+    return str(dtype) if dtype else None
+
+
+def _max_offset_sec(grid: CacheGrid) -> float:
+    return round(max((abs(o) for o in grid.offset_frames), default=0) / transforms.VIDEO_FPS, 2)
+
+
+def check_model_fit(cache_dir, manifest: dict, grid: CacheGrid, model_config) -> None:
+    """Refuse (`CacheMismatchError`) a cache whose windows, feature widths or compute dtype
+    are not the model's: its segment grid (`model.n_segments`, `model.video.num_frames`,
+    `model.sync.num_offset_classes`, `model.sync.max_offset_sec`), the extractor widths, and
+    the dtype the extractors computed in (`train.compute_dtype`: bfloat16 features are not
+    float32 ones, and evaluation and the saved model compute the run's)."""
+    sync = model_config.sync
+    built = [("model.n_segments", grid.n_segments, model_config.n_segments),
+             ("model.video.num_frames", grid.segment_frames, model_config.video.num_frames),
+             ("model.sync.num_offset_classes", len(grid.offset_frames), sync.num_offset_classes),
+             ("model.sync.max_offset_sec", _max_offset_sec(grid), sync.max_offset_sec)]
+    dims = manifest["feature_dims"]
+    built += [("model.video.embed_dim", dims["video"], model_config.video.embed_dim),
+              ("model.audio.hidden_size", dims["audio"], model_config.audio.hidden_size)]
+    differ = [(k, b, w) for k, b, w in built if (abs(b - w) > 1e-9 if isinstance(b, float) else b != w)]
+    problems = []
+    if differ:
+        problems.append("it was built for " + ", ".join(f"{k}={b}" for k, b, _ in differ) + ", this run has "
+                        + ", ".join(f"{k}={w}" for k, _, w in differ) + ". Rebuild the cache for this model "
+                        "(feature_cache.build_feature_cache) or set "
+                        + " ".join(f"--config.{k}={b}" for k, b, _ in differ))
+    else:
+        want = grid_for(model_config.n_segments, segment_frames=model_config.video.num_frames,
+                        max_off_sec=sync.max_offset_sec, grid_size=sync.num_offset_classes)
+        if want != grid:  # the same settings but another grid: built by other transforms code
+            problems.append(f"its segment grid ({grid.to_dict()}) is not the one this code derives for the model "
+                            f"({want.to_dict()}). Rebuild the cache (feature_cache.build_feature_cache)")
+    built_dtype, run_dtype = built_compute_dtype(manifest), str(model_config.dtype)
+    if built_dtype is None:
+        _log.warning("feature cache %s predates recording its compute dtype: not checked against this run's %s "
+                     "(train.compute_dtype); rebuild it to get the check", cache_dir, run_dtype)
+    elif built_dtype != run_dtype:
+        problems.append(f"its features were computed in {built_dtype}, this run computes in {run_dtype} "
+                        f"(train.compute_dtype): the sync head would train on {built_dtype} features while "
+                        f"evaluation and the saved model compute {run_dtype} ones. Rebuild the cache with the "
+                        f"extractors computing in {run_dtype} (feature_cache.build_feature_cache((params, "
+                        f"model_config.replace(dtype={run_dtype!r})), ...)) or set "
+                        f"--config.train.compute_dtype={built_dtype}")
+    if problems:
+        raise CacheMismatchError(f"feature cache {cache_dir} does not fit this run: " + "; and ".join(problems))
+
+
 def train_iterator(cache_dir, model_config, *, batch_size: int, seed: int, process_index: int = 0,
                    process_count: int = 1, window_curriculum: Sequence[Tuple[int, float]] = (),
                    keep_centred: float = 0.0) -> CacheTrainIterator:
@@ -791,13 +852,7 @@ def train_iterator(cache_dir, model_config, *, batch_size: int, seed: int, proce
                             process_count=process_count, window_curriculum=window_curriculum,
                             keep_centred=keep_centred)
     m = it.cache.manifest
-    want = grid_for(model_config.n_segments, segment_frames=model_config.video.num_frames,
-                    max_off_sec=model_config.sync.max_offset_sec, grid_size=model_config.sync.num_offset_classes)
-    if want != it.cache.grid:
-        raise ValueError(f"{cache_dir}: cache grid {it.cache.grid} does not fit the model ({want})")
-    dims = m["feature_dims"]
-    if (dims["video"], dims["audio"]) != (model_config.video.embed_dim, model_config.audio.hidden_size):
-        raise ValueError(f"{cache_dir}: cached feature dims {dims} do not fit the model")
+    check_model_fit(cache_dir, m, it.cache.grid, model_config)
     if m["crop"]["size"] != model_config.video.img_size:
         _log.warning("feature cache %s was built at %d px, the model takes %d px", cache_dir, m["crop"]["size"],
                      model_config.video.img_size)

@@ -280,7 +280,14 @@ def train_iterator(config, task: tasks.Task, paths: list[str], start_example: in
     per_host = config.data.batch_size // jax.process_count()
     curriculum = config.data.get("window_curriculum") or {}
     phases = tuple(curriculum.get("phases") or ())
-    if config.data.get("feature_cache", "") and task.stage == experiment.STAGE_SYNC:
+    if config.data.get("feature_cache", "") and task.stage != experiment.STAGE_SYNC:
+        from synchformer_jax.cli import ConfigError  # cli imports only the standard library and numpy
+
+        # Stage I trains the extractors a cache would freeze; stage III needs 13-segment,
+        # +-4.48 s examples with a synchronizability target that no stage-II cache holds.
+        raise ConfigError(f"data.feature_cache ({config.data.feature_cache!r}) serves stage-II ({experiment.STAGE_SYNC!r}) "
+                          f"training only; this run is stage {task.stage!r}: set --config.data.feature_cache=''")
+    if config.data.get("feature_cache", ""):
         from synchformer_jax import feature_cache
 
         return feature_cache.train_iterator(config.data.feature_cache, task.model_config, batch_size=per_host,

@@ -12,6 +12,9 @@
 * The manifest records its source shards (size, mtime, sha256); a cache built by other
   extractors or from other clips than the run's is refused at training start, a moved
   copy of the sources is not, and `accept_other_shards` accepts only the shard difference.
+* A cache of another segment layout, class grid, feature width or compute dtype than the
+  model's is refused in one line (`CacheMismatchError`) naming both and the fix; a
+  manifest without the compute dtype is read with a warning.
 * The index stores each clip's anchor (its only event's time); the window curriculum
   draws only windows centred near it, keeps a centred share of later batches, resumes
   and splits exactly, and leaves the plain draw unchanged.
@@ -263,6 +266,89 @@ def test_trainer_refuses_a_cache_of_other_extractors(data, model14, tmp_path):
     with pytest.raises(fc.CacheMismatchError, match=r"randomly initialised: no init_from"):
         train.train_and_evaluate(config, tmp_path / "run")
     assert not (tmp_path / "run" / "eval_metrics.json").exists()
+
+
+@pytest.mark.parametrize("change, built, run", [
+    ({"n_segments": 12}, "model.n_segments=14", "model.n_segments=12"),
+    ({"sync.num_offset_classes": 11}, "model.sync.num_offset_classes=21", "model.sync.num_offset_classes=11"),
+    ({"sync.max_offset_sec": 1.0}, "model.sync.max_offset_sec=2.0", "model.sync.max_offset_sec=1.0"),
+    ({"video.embed_dim": 64}, "model.video.embed_dim=32", "model.video.embed_dim=64"),
+])
+def test_a_cache_for_another_layout_is_refused_in_one_line(model14, change, built, run):
+    """The audit's case (C4): another segment layout or class count is a `CacheMismatchError`
+    (one line, exit 2 from the CLI) naming the cache, both settings and the fix, not a
+    ValueError with the grids' reprs."""
+    config14, _, cache_dir, _ = model14
+    fc.train_iterator(cache_dir, config14, batch_size=4, seed=0)  # the model it was built for
+    with pytest.raises(fc.CacheMismatchError) as e:
+        fc.train_iterator(cache_dir, config14.replace(**change), batch_size=4, seed=0)
+    message = str(e.value)
+    assert message.startswith(f"feature cache {cache_dir} does not fit this run: it was built for {built}, "
+                              f"this run has {run}. Rebuild the cache"), message
+    assert f"set --config.{built}" in message and "\n" not in message and "CacheGrid" not in message
+
+
+def test_a_cache_computed_in_another_dtype_is_refused(data, model14, tmp_path, caplog):
+    """The cache records the extractors' compute dtype (its `model_config.dtype`); a run
+    computing in another (`train.compute_dtype`) would train the head on features that
+    evaluation and the saved model never compute. A manifest without it: a warning."""
+    config14, _, cache_dir, manifest = model14
+    assert fc.built_compute_dtype(manifest) == "float32" == config14.dtype
+    with pytest.raises(fc.CacheMismatchError, match=r"cache14 does not fit this run: its features were computed in "
+                                                    r"float32, this run computes in bfloat16 \(train.compute_dtype\)"
+                                                    r".*Rebuild the cache .*--config\.train\.compute_dtype=float32"):
+        fc.train_iterator(cache_dir, config14.replace(dtype="bfloat16"), batch_size=4, seed=0)
+    # Through the trainer's iterator, with the run's train.compute_dtype.
+    config = th.small_config(experiment.STAGE_SYNC, dict(data["shards"], train=data["train"][0]))
+    config.model = config14.to_dict()
+    config.data.feature_cache = str(cache_dir)
+    config.train.compute_dtype = "bfloat16"
+    with pytest.raises(fc.CacheMismatchError, match="computed in float32, this run computes in bfloat16"):
+        train.train_iterator(config, train.tasks.get_task(config.stage, experiment.model_config(config)), [])
+    # A manifest that does not say: read as before, with a warning.
+    legacy = tmp_path / "nodtype"
+    shutil.copytree(cache_dir, legacy)
+    old = {k: v for k, v in manifest.items() if k != "model_config"}
+    (legacy / fc.MANIFEST).write_text(json.dumps(old))
+    with caplog.at_level(logging.WARNING, logger="synchformer_jax.feature_cache"):
+        it = fc.train_iterator(legacy, config14.replace(dtype="bfloat16"), batch_size=4, seed=0)
+    assert next(it)["vfeat"].shape == (4, 14, 8, 32)
+    assert "predates recording its compute dtype" in caplog.text
+
+
+def test_cli_refuses_another_layout_with_one_line(data, model14, tmp_path, capsys):
+    """`synchformer-jax train` on a cache of another layout: `error: ...` and exit 2."""
+    config14, _, cache_dir, _ = model14
+    config = th.small_config(experiment.STAGE_SYNC, dict(data["shards"], train=data["train"][0]))
+    config.model = config14.to_dict()
+    config.init_from = str(data["root"] / "model14")
+    config.data.feature_cache = str(cache_dir)
+    as_json = th.write_config(config, tmp_path / "config.json")
+    spec = tmp_path / "config.py"
+    spec.write_text("import json\nimport ml_collections\n\n\ndef get_config():\n"
+                    f"    return ml_collections.ConfigDict(json.loads(open({str(as_json)!r}).read()))\n")
+    from synchformer_jax import cli
+
+    rc = cli.main(["train", "--config", str(spec), "--workdir", str(tmp_path / "run"),
+                   "--config.model.n_segments=12"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: feature cache {cache_dir} does not fit this run: it was built for "
+                          "model.n_segments=14, this run has model.n_segments=12"), err
+
+
+@pytest.mark.parametrize("stage", [experiment.STAGE_AVCLIP, experiment.STAGE_SYNCHRONIZABILITY])
+def test_a_cache_outside_stage_two_is_refused(data, model14, stage):
+    """Stage I trains the extractors a cache freezes; stage III's examples are not in it.
+    The setting was silently ignored there (the run trained on raw clips)."""
+    from synchformer_jax import cli, tasks
+
+    _, _, cache_dir, _ = model14
+    config = th.small_config(stage, dict(data["shards"], train=data["train"][0]))
+    config.data.feature_cache = str(cache_dir)
+    task = tasks.get_task(stage, experiment.model_config(config))
+    with pytest.raises(cli.ConfigError, match=f"serves stage-II .* training only; this run is stage '{stage}'"):
+        train.train_iterator(config, task, data["train"])
 
 
 PULSE_ANCHORS = (3.48, 3.60)  # 0.04 s and 0.16 s from the nearest window centre (see _centre)

@@ -68,7 +68,8 @@ def global_batch_size(per_host: int, mesh: Mesh, batch_axes: Union[str, Sequence
     shards = int(np.prod([mesh.shape[a] for a in axes]))
     total = per_host * jax.process_count()
     if total % shards:
-        raise ValueError(f"global batch {total} does not split over {shards} batch shards {axes}")
+        raise ValueError(f"global batch {total} does not split over {shards} batch shards {axes}: set "
+                         f"data.batch_size (data.eval_batch_size when evaluating) to a multiple of {shards}")
     return total
 
 
