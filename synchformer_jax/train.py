@@ -285,8 +285,9 @@ def train_iterator(config, task: tasks.Task, paths: list[str], start_example: in
 
         # Stage I trains the extractors a cache would freeze; stage III needs 13-segment,
         # +-4.48 s examples with a synchronizability target that no stage-II cache holds.
-        raise ConfigError(f"data.feature_cache ({config.data.feature_cache!r}) serves stage-II ({experiment.STAGE_SYNC!r}) "
-                          f"training only; this run is stage {task.stage!r}: set --config.data.feature_cache=''")
+        raise ConfigError(f"data.feature_cache ({config.data.feature_cache!r}) serves stage-II "
+                          f"({experiment.STAGE_SYNC!r}) training only; this run is stage {task.stage!r}: "
+                          "set --config.data.feature_cache=''")
     if config.data.get("feature_cache", ""):
         from synchformer_jax import feature_cache
 
