@@ -550,11 +550,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
+    # The config's errors (mesh, shards) before the checkpoint manager makes its folder.
+    mesh = sharding.mesh_from_config(config.mesh)
+    train_paths, eval_paths = data_paths(config, workdir)
     ckpts = checkpoint.RunCheckpoints(workdir, config.train.keep_checkpoints, config.train.best_metric)
     start = ckpts.latest_step()
     position = resume.RunPosition.from_json(ckpts.saved_data_state(start)) if start is not None else None
-    trainer = build_trainer(config, recipe_devices=position.recipe_devices if position else None)
-    train_paths, eval_paths = data_paths(config, workdir)
+    trainer = build_trainer(config, mesh, recipe_devices=position.recipe_devices if position else None)
     if start is None:
         data_iter = train_iterator(config, trainer.task, train_paths)
         state, notes = initial_state(trainer, jax.random.key(config.seed))
