@@ -119,7 +119,7 @@ class SynchformerClips(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split: str, jobs: Sequence[prepare.Job]):
         cfg = self.builder_config
         load = functools.partial(prepare.load_job, max_duration_sec=cfg.max_duration_sec,
-                                         min_duration_sec=cfg.min_duration_sec)
+                                 min_duration_sec=cfg.min_duration_sec)
         workers = (os.cpu_count() or 1) if cfg.num_workers is None else cfg.num_workers
         results = prepare.run_ordered(load, jobs, min(workers, len(jobs)))
         try:
@@ -132,4 +132,5 @@ class SynchformerClips(tfds.core.GeneratorBasedBuilder):
                 yield result["clip_id"], {"clip_id": result["clip_id"], "record": result["data"]}
         finally:
             results.close()
-            self.info.metadata["skipped"] = sorted(self._skipped, key=lambda s: (s["split"], s["clip_id"] or "", s["source"]))
+            self.info.metadata["skipped"] = sorted(self._skipped,
+                                                   key=lambda s: (s["split"], s["clip_id"] or "", s["source"]))
