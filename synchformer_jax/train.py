@@ -280,18 +280,18 @@ def train_iterator(config, task: tasks.Task, paths: list[str], start_example: in
     per_host = config.data.batch_size // jax.process_count()
     curriculum = config.data.get("window_curriculum") or {}
     phases = tuple(curriculum.get("phases") or ())
-    if config.data.get("feature_cache", "") and task.stage != experiment.STAGE_SYNC:
+    cache = config.data.get("feature_cache", "")
+    if cache and task.stage != experiment.STAGE_SYNC:
         from synchformer_jax.cli import ConfigError  # cli imports only the standard library and numpy
 
         # Stage I trains the extractors a cache would freeze; stage III needs 13-segment,
         # +-4.48 s examples with a synchronizability target that no stage-II cache holds.
-        raise ConfigError(f"data.feature_cache ({config.data.feature_cache!r}) serves stage-II "
-                          f"({experiment.STAGE_SYNC!r}) training only; this run is stage {task.stage!r}: "
-                          "set --config.data.feature_cache=''")
-    if config.data.get("feature_cache", ""):
+        raise ConfigError(f"data.feature_cache ({cache!r}) serves stage-II ({experiment.STAGE_SYNC!r}) training "
+                          f"only; this run is stage {task.stage!r}: set --config.data.feature_cache=''")
+    if cache:
         from synchformer_jax import feature_cache
 
-        return feature_cache.train_iterator(config.data.feature_cache, task.model_config, batch_size=per_host,
+        return feature_cache.train_iterator(cache, task.model_config, batch_size=per_host,
                                             seed=config.seed, process_index=jax.process_index(),
                                             process_count=jax.process_count(), window_curriculum=phases,
                                             keep_centred=curriculum.get("keep_centred", 0.0))
@@ -516,12 +516,7 @@ def _resumed_data(config: ml_collections.ConfigDict, trainer: Trainer, paths: li
     the run reached. A feature cache's state (the step) fits any process count."""
     from synchformer_jax import resume
 
-    cached = bool(config.data.get("feature_cache", "")) and trainer.task.stage == experiment.STAGE_SYNC
-    if trainer.recipe_devices != trainer.mesh.size:
-        peak, warmup = optim.device_scaled(config.optim, trainer.recipe_devices)
-        log.warning("resuming on %d devices a run that started on %d: it keeps the recipe it was scaled for "
-                    "(peak learning rate %.4g, warm-up %d steps, stage-I negatives in %d pools)",
-                    trainer.mesh.size, trainer.recipe_devices, peak, warmup, trainer.task.negative_pools)
+    cached = bool(config.data.get("feature_cache", ""))  # train_iterator allows it in stage II only
     if position.processes in (None, jax.process_count()) or cached:
         if position.examples is None and config.data.num_workers > 1:
             log.warning("the checkpoint of step %d predates batches that do not depend on data.num_workers: with "
@@ -576,11 +571,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         # Format-1 states (no count) come from runs whose batch size is the saved config's.
         examples = (position.examples if position.examples is not None
                     else start * int(saved_config.get("data", {}).get("batch_size", config.data.batch_size)))
+        if trainer.recipe_devices != trainer.mesh.size:
+            peak, warmup = optim.device_scaled(config.optim, trainer.recipe_devices)
+            log.warning("resuming on %d devices a run that started on %d: it keeps the recipe it was scaled for "
+                        "(peak learning rate %.4g, warm-up %d steps, stage-I negatives in %d pools)",
+                        trainer.mesh.size, trainer.recipe_devices, peak, warmup, trainer.task.negative_pools)
         data_iter = _resumed_data(config, trainer, train_paths, position, examples, workdir, start, changed)
         resume.record(workdir, start, changed + position.topology_changes(jax.process_count(), trainer.mesh.size),
                       write=jax.process_index() == 0)
         log.info("resumed from step %d", start)
-    if config.data.get("feature_cache", "") and trainer.task.stage == experiment.STAGE_SYNC:
+    if config.data.get("feature_cache", ""):  # stage II (train_iterator refuses it elsewhere)
         # Only now are the run's frozen extractors known (init_from or the checkpoint).
         from synchformer_jax import feature_cache
         feature_cache.verify_for_training(
