@@ -342,6 +342,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     pipeline.mark_absl_flags_parsed()
     workdir = pathlib.Path(args.workdir)
     trainer = train.build_trainer(config)
+    train.check_batch_sizes(config, trainer.mesh, training=False)
     want = trainer.task.model_config
     if args.checkpoint in ("best", "latest"):
         which = checkpoint.BEST if args.checkpoint == "best" else checkpoint.CHECKPOINTS

@@ -145,10 +145,7 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: Optional[jax.sharding
     mesh = mesh or sharding.mesh_from_config(config.mesh)
     model_config = experiment.model_config(config)
     num_devices = recipe_devices or mesh.size
-    pools = num_devices if (config.stage == experiment.STAGE_AVCLIP and config.train.negatives == "device") else 1
-    if config.stage == experiment.STAGE_AVCLIP and config.train.get("pool_clips", 0):
-        pools = config.data.batch_size // config.train.pool_clips
-    task = tasks.get_task(config.stage, model_config, pools)
+    task = tasks.get_task(config.stage, model_config, negative_pools(config, num_devices))
     schedule = optim.learning_rate(config.optim, num_devices, config.train.num_steps)
     tx = optim.make_optimizer(config.optim, schedule)
     frozen = config.optim.frozen
@@ -178,6 +175,45 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: Optional[jax.sharding
                          out_shardings=(state_shardings, repl), donate_argnums=(0,))
     predict_step = jax.jit(task.predict_fn, in_shardings=(state_shardings.params, batch_sharding))
     return Trainer(config, task, mesh, tx, schedule, state_shardings, train_step, predict_step, num_devices)
+
+
+def negative_pools(config: ml_collections.ConfigDict, num_devices: int) -> int:
+    """Stage-I InfoNCE pools of a global batch: one per device (official), one pool of the
+    whole batch (`train.negatives="global"`), or pools of `train.pool_clips` clips."""
+    if config.stage != experiment.STAGE_AVCLIP:
+        return 1
+    if config.train.get("pool_clips", 0):
+        return max(1, config.data.batch_size // config.train.pool_clips)
+    return num_devices if config.train.negatives == "device" else 1
+
+
+def check_batch_sizes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, training: bool = True) -> None:
+    """The batch sizes against the processes, the mesh and the stage-I pools, at start-up
+    rather than at the first batch or the first evaluation (hours into a run): a one-line
+    `cli.ConfigError` naming the setting and the sizes that fit."""
+    from synchformer_jax.cli import ConfigError  # cli imports only the standard library and numpy
+
+    procs, shards = jax.process_count(), mesh.size  # the batch axis spans the whole (data, fsdp) mesh
+    names = ("data.batch_size", "data.eval_batch_size") if training else ("data.eval_batch_size",)
+    problems = []
+    for name in names:
+        value = config.data[name.split(".")[1]]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            problems.append(f"{name}={value!r} must be a positive whole number of clips")
+        elif value % procs or value % shards:
+            unit = np.lcm(procs, shards)
+            problems.append(f"{name}={value} does not split over {procs} process{'es' * (procs != 1)} and "
+                            f"{shards} device{'s' * (shards != 1)} (the global batch spans the mesh): use a "
+                            f"multiple of {unit}, e.g. {name}={max(unit, value // unit * unit)}")
+    pool_clips = config.train.get("pool_clips", 0) if config.stage == experiment.STAGE_AVCLIP else 0
+    if training and not problems and pool_clips and config.data.batch_size % pool_clips:
+        problems.append(f"data.batch_size={config.data.batch_size} does not split into stage-I pools of "
+                        f"train.pool_clips={pool_clips} clips")
+    elif training and not problems and config.data.batch_size % negative_pools(config, mesh.size):
+        problems.append(f"data.batch_size={config.data.batch_size} does not split into one stage-I InfoNCE "
+                        f"pool per device ({mesh.size}, train.negatives='device')")
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def initial_state(trainer: Trainer, rng: jax.Array) -> tuple[TrainState, list[str]]:
@@ -545,8 +581,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    # The config's errors (mesh, shards) before the checkpoint manager makes its folder.
+    # The config's errors (mesh, batch sizes, shards) before the checkpoint manager makes its folder.
     mesh = sharding.mesh_from_config(config.mesh)
+    check_batch_sizes(config, mesh)
     train_paths, eval_paths = data_paths(config, workdir)
     ckpts = checkpoint.RunCheckpoints(workdir, config.train.keep_checkpoints, config.train.best_metric)
     start = ckpts.latest_step()

@@ -1,6 +1,8 @@
 """A `config.mesh` that does not fit the devices (e.g. an FSDP-8 run resumed on 4 of them)
 is a one-line `cli.ConfigError` (exit 2 from the CLI) naming `mesh.data` / `mesh.fsdp`,
 the device count and a shape that fits; a batch that does not split names `data.batch_size`.
+Batch sizes that do not split over the mesh (or into the stage-I pools) are refused at
+start-up, before any folder is made, in one line naming the setting and a size that fits.
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from synchformer_jax import cli, sharding
+from synchformer_jax import cli, experiment, sharding, train
 from synchformer_jax.input import device as device_lib
 
 
@@ -69,3 +71,60 @@ def test_a_batch_that_does_not_split_names_data_batch_size():
     mesh = device_lib.make_mesh((3, 1), sharding.BATCH_AXES, devices=jax.devices()[:3])
     with pytest.raises(ValueError, match=r"global batch 8 does not split over 3 batch shards.*data\.batch_size"):
         device_lib.host_to_global({"x": np.zeros((8, 2), np.float32)}, mesh, sharding.BATCH_AXES)
+
+
+def _batch_config(stage=experiment.STAGE_SYNC, **data):
+    config = experiment.default_config(stage)
+    config.data.update(data)
+    return config
+
+
+@pytest.mark.parametrize("stage, data, n, training, says", [
+    (experiment.STAGE_SYNC, dict(batch_size=12, eval_batch_size=16), 8, True,
+     "data.batch_size=12 does not split over 1 process and 8 devices (the global batch spans the mesh): "
+     "use a multiple of 8, e.g. data.batch_size=8"),
+    (experiment.STAGE_SYNC, dict(batch_size=16, eval_batch_size=6), 4, True,
+     "data.eval_batch_size=6 does not split over 1 process and 4 devices"),
+    # Evaluation alone does not mind the training batch.
+    (experiment.STAGE_SYNC, dict(batch_size=3, eval_batch_size=6), 4, False,
+     "data.eval_batch_size=6 does not split"),
+    (experiment.STAGE_SYNC, dict(batch_size=0, eval_batch_size=8), 1, True,
+     "data.batch_size=0 must be a positive whole number of clips"),
+    (experiment.STAGE_AVCLIP, dict(batch_size=4, eval_batch_size=8), 8, True,
+     "data.batch_size=4 does not split over 1 process and 8 devices"),
+])
+def test_batch_sizes_that_do_not_split_are_refused(stage, data, n, training, says):
+    mesh = sharding.mesh_from_config(_mesh(-1, 1), devices=jax.devices()[:n])
+    with pytest.raises(cli.ConfigError) as e:
+        train.check_batch_sizes(_batch_config(stage, **data), mesh, training=training)
+    assert says in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_stage1_pools_must_split_the_batch():
+    mesh = sharding.mesh_from_config(_mesh(-1, 1), devices=jax.devices()[:2])
+    config = _batch_config(experiment.STAGE_AVCLIP, batch_size=6, eval_batch_size=8)
+    config.train.pool_clips = 4
+    with pytest.raises(cli.ConfigError, match=r"data.batch_size=6 does not split into stage-I pools of "
+                                              r"train.pool_clips=4 clips"):
+        train.check_batch_sizes(config, mesh)
+    config.train.pool_clips = 3
+    train.check_batch_sizes(config, mesh)  # 2 pools of 3, 3 clips per device
+    config.train.pool_clips = 0
+    train.check_batch_sizes(config, mesh)  # official: a pool per device
+    assert train.negative_pools(config, mesh.size) == 2
+
+
+def test_sizes_that_fit_pass():
+    for n, batch in ((1, 3), (2, 2), (4, 8), (8, 16)):
+        mesh = sharding.mesh_from_config(_mesh(-1, 1), devices=jax.devices()[:n])
+        train.check_batch_sizes(_batch_config(batch_size=batch, eval_batch_size=batch), mesh)
+
+
+def test_a_batch_error_is_one_line_with_exit_2_and_no_folder(tmp_path, capsys):
+    run = tmp_path / "run"
+    rc = cli.main(["train", "--config", "configs/tiny.py:sync", "--workdir", str(run),
+                   "--config.mesh.data=-1", "--config.mesh.fsdp=1", "--config.data.batch_size=12"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("error: data.batch_size=12 does not split over 1 process and 8 devices"), err
+    assert not (run / "checkpoints").exists()
