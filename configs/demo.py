@@ -2,8 +2,9 @@
 # tiny Synchformer on the procedural synthetic clips (onset cue, below) and evaluates
 # stage II on held-out clips with fixed offsets. Target on a 2-core CPU: >= 50 % Acc@1
 # and >= 80 % Acc@1 +-1 class (21 classes, chance 4.8 %) within 15 minutes. Measured
-# (2026-11-23, this machine's 2 cores): 82.8 % Acc@1 / 96.1 % +-1 class on 256 held-out
-# clips in 689 s wall (data 23 s, stage I 125 s, feature cache 118 s, stage II 424 s).
+# (2026-11-24, this machine's 2 cores): 76.2 % Acc@1 / 96.5 % +-1 class on 256 held-out
+# clips in 673 s wall (data 22 s, stage I 111 s, feature cache 118 s, stage II 421 s);
+# other seeds and settings 69.5-83.2 % (docs/benchmarks.md "CPU demo").
 # `--fast` runs a few steps of each stage only (a smoke test; the accuracy stays near chance).
 """Demo configs: `get_config("segment_avclip")` (stage I), `get_config("sync")` (stage II).
 

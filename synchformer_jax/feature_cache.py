@@ -32,11 +32,14 @@ windows. In a 10-s clip 32 of the 297 grid windows (11 %) have the -1-sample aud
 deviation; the cache uses the exact sample (a 1/16000 s difference, far below the
 0.2-s class step and the official ±0.05-s training jitter).
 
-Sampling restrictions vs the official stage-II train transforms (documented, on purpose):
-the cache holds the centre crop only (official training: random crop and horizontal
-flip), video starts on the 8-frame grid only (officially any frame), centred segments
-inside the crop (officially a random segment start in `[0, 125 - v_seq]`), and no
-±0.05 s audio jitter. Evaluation stays on the raw path.
+Sampling: `CacheTrainIterator` draws clips, classes and starts with the official
+stage-II distribution (clip, then class, then start, each uniform; see its doc), with
+these restrictions vs the official train transforms (documented, on purpose): the cache
+holds the centre crop only (official training: random crop and horizontal flip), video
+starts on the 8-frame grid only (officially any frame; a clip only just long enough for
+a class can lose it, e.g. -0.4 s in a 5.4-s clip), centred segments inside the crop
+(officially a random segment start in `[0, 125 - v_seq]`), and no ±0.05 s audio jitter.
+Evaluation stays on the raw path.
 
 Window curriculum (`CacheTrainIterator(window_curriculum=...)`, synthetic demo only):
 phases that draw only windows whose video segments are centred near the clip's single
@@ -661,12 +664,19 @@ class CacheTrainIterator:
     """Endless stage-II training batches from a feature cache, checkpointable.
 
     Step `n` draws the global batch (`batch_size * process_count` rows) of
-    (clip, window start, offset class) triples uniformly from all valid triples with
-    `default_rng([seed, n])`; host `p` keeps rows `[p * B, (p + 1) * B)`. The draws do not
-    depend on the host count beyond that split, and `get_state() = {"step": n}` restores
-    exactly.
+    (clip, window start, offset class) triples with `default_rng([seed, n])`; host `p`
+    keeps rows `[p * B, (p + 1) * B)`. The draws do not depend on the host count beyond
+    that split, and `get_state() = {"step": n}` restores exactly.
 
-    `window_curriculum`: phases `(num_steps, jitter_sec)` run before that uniform draw
+    The draw is the official stage-II sampling on the cache's grid: a clip uniformly
+    (the official loader visits every clip once per epoch, whatever its length), then an
+    offset class uniformly among the classes with a window in that clip (officially
+    `random.choice` over the 21 classes; on clips of >= 9 s every class has one), then a
+    window start uniformly among those that fit that class (officially a uniform start
+    in the feasible range, so the +-2 s classes are as frequent as 0 s although fewer
+    starts fit them). Clips without any valid window are never drawn.
+
+    `window_curriculum`: phases `(num_steps, jitter_sec)` run before that draw
     (the synthetic demo's schedule for clips with one event; docs/benchmarks.md "Stage-II
     plateau"). In a phase, every row draws a clip uniformly among the clips with an
     anchor (`index["anchor_sec"]`, the time of the record's only event) and at least one
@@ -680,7 +690,7 @@ class CacheTrainIterator:
     (as the probe that found the schedule did), this share of the global batch's rows,
     evenly spaced so that every host's slice keeps about the share, draws with the first
     phase's jitter: the widening then does not wash out what the centred windows taught.
-    0 makes the tail the plain uniform draw, step for step.
+    0 makes the tail the plain draw, step for step.
     """
 
     def __init__(self, cache: Union[str, os.PathLike, FeatureCache], *, batch_size: int, seed: int,
@@ -692,9 +702,9 @@ class CacheTrainIterator:
         self.batch_size, self.seed = int(batch_size), int(seed)
         self.process_index, self.process_count = int(process_index), int(process_count)
         counts = self.cache.pair_counts()
-        self._cum = np.cumsum(counts)
-        self.total = int(self._cum[-1]) if len(self._cum) else 0
-        if self.total == 0:
+        self.total = int(counts.sum())  # valid (clip, window, class) triples
+        self.clips = np.flatnonzero(counts)  # the clips with a window; the others are too short
+        if not len(self.clips):
             raise ValueError(f"{self.cache.dir}: no clip has a valid stage-II window")
         self.phases = _curriculum(window_curriculum)
         self.keep_centred = float(keep_centred)
@@ -735,17 +745,20 @@ class CacheTrainIterator:
         i = int(np.searchsorted(self._phase_ends, int(step), side="right"))
         return i if i < len(self.phases) else None
 
-    def _uniform(self, u: np.ndarray) -> np.ndarray:
-        """Triple number `u` (of `total`) -> (clip, g, j)."""
-        out = np.zeros((len(u), 3), np.int64)
+    def _official(self, rng: np.random.Generator, n: int, rows: slice) -> np.ndarray:
+        """Rows `rows` of `n` official draws (clip, then class, then start; class doc)."""
+        clip_u = rng.integers(0, len(self.clips), size=n)[rows]
+        class_u, start_u = rng.random((2, n))[:, rows]
+        out = np.zeros((len(clip_u), 3), np.int64)
         idx = self.cache.index
-        for r, x in enumerate(u):
-            clip = int(np.searchsorted(self._cum, x, side="right"))
-            local = int(x - (self._cum[clip - 1] if clip else 0))
+        for r, (ci, uj, ug) in enumerate(zip(clip_u, class_u, start_u)):
+            clip = int(self.clips[ci])
             ok = self.cache.grid.valid_pairs(int(idx["v_len"][clip]), int(idx["a_len"][clip]),
                                              int(idx["nv"][clip]), int(idx["na"][clip]))
-            g, j = np.argwhere(ok)[local]
-            out[r] = (clip, g, j)
+            classes = np.flatnonzero(ok.any(axis=0))
+            j = classes[int(uj * len(classes))]
+            starts = np.flatnonzero(ok[:, j])
+            out[r] = (clip, starts[int(ug * len(starts))], j)
         return out
 
     def _draw_near(self, rng: np.random.Generator, jitter: float, n: int) -> np.ndarray:
@@ -764,8 +777,7 @@ class CacheTrainIterator:
         lo, hi = self.process_index * self.batch_size, (self.process_index + 1) * self.batch_size
         phase = self.phase_at(step)
         if phase is None:
-            u = rng.integers(0, self.total, size=n)
-            out = self._uniform(u[lo:hi])
+            out = self._official(rng, n, slice(lo, hi))
         else:
             out = self._draw_near(rng, self.phases[phase][1], n)[lo:hi]
         if phase != 0 and len(self._keep_rows):
@@ -856,8 +868,13 @@ def train_iterator(cache_dir, model_config, *, batch_size: int, seed: int, proce
     if m["crop"]["size"] != model_config.video.img_size:
         _log.warning("feature cache %s was built at %d px, the model takes %d px", cache_dir, m["crop"]["size"],
                      model_config.video.img_size)
+    short = len(it.cache) - len(it.clips)
+    if short:
+        _log.warning("feature cache %s: %d of %d clips have no stage-II window (too short for a %.1f-s crop with "
+                     "+-%.1f s offsets); they are not drawn", cache_dir, short, len(it.cache),
+                     it.cache.grid.v_crop / transforms.VIDEO_FPS, _max_offset_sec(it.cache.grid))
     _log.info("feature cache %s: %d clips, %d (clip, window, class) triples; extractor params sha256 %s",
-              cache_dir, len(it.cache), it.total, m["extractor_params_sha256"])
+              cache_dir, len(it.clips), it.total, m["extractor_params_sha256"])
     if it.phases:
         _log.info("window curriculum %s (steps, jitter s), then every window; keep_centred %.2f",
                   list(it.phases), it.keep_centred)

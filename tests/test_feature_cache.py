@@ -18,6 +18,9 @@
 * The index stores each clip's anchor (its only event's time); the window curriculum
   draws only windows centred near it, keeps a centred share of later batches, resumes
   and splits exactly, and leaves the plain draw unchanged.
+* The plain draw is the official sampling on the cache grid: clips equally whatever their
+  length, then classes equally among those that fit, then fitting starts equally; clips
+  without a window are not drawn and are reported.
 """
 from __future__ import annotations
 
@@ -403,16 +406,64 @@ def test_cache_stores_anchors_and_old_caches_load(pulse_cache, tmp_path):
         fc.CacheTrainIterator(legacy, batch_size=4, seed=2, window_curriculum=[(5, 0.5)])
 
 
-# Drawn by the iterator before the curriculum existed (cache_pulse, batch 4, seed 5).
-PLAIN_DRAWS = [[[2, 0, 11], [2, 4, 8], [0, 0, 19], [2, 4, 9]], [[0, 4, 5], [2, 3, 12], [2, 3, 14], [1, 4, 8]],
-               [[2, 3, 20], [0, 6, 14], [2, 1, 16], [1, 3, 7]]]
+def test_plain_draw_is_the_curriculum_free_draw(pulse_cache):
+    plain = fc.CacheTrainIterator(pulse_cache, batch_size=4, seed=5)
+    empty = fc.CacheTrainIterator(pulse_cache, batch_size=4, seed=5, window_curriculum=(), keep_centred=0.0)
+    assert [plain.draw(s).tolist() for s in range(3)] == [empty.draw(s).tolist() for s in range(3)]
+    assert plain.phase_at(0) is None and empty.phase_at(0) is None
 
 
-def test_plain_draw_is_unchanged(pulse_cache):
-    for kw in ({}, {"window_curriculum": (), "keep_centred": 0.0}):
-        it = fc.CacheTrainIterator(pulse_cache, batch_size=4, seed=5, **kw)
-        assert [it.draw(s).tolist() for s in range(3)] == PLAIN_DRAWS
-        assert it.phase_at(0) is None
+# No window; only classes -0.2 .. +0.4 s fit on the 8-frame start grid; all 21 fit (twice).
+MIXED_SEC = (4.9, 5.4, 8.0, 10.0)
+
+
+@pytest.fixture(scope="module")
+def mixed_cache(data, model14):
+    """Clips of four lengths (MIXED_SEC), built with model14's extractors."""
+    config, params, _, _ = model14
+    recs = [synthetic.make_record(20 + i, f"len{i}", height=32, width=32, duration_sec=sec)
+            for i, sec in enumerate(MIXED_SEC)]
+    shard = data["root"] / shard_lib.shard_name("mixed", "train", "array_record", 0, 1)
+    shard_lib.write_shard(shard, [records.encode(r) for r in recs])
+    out = data["root"] / "cache_mixed"
+    fc.build_feature_cache((params, config), [str(shard)], out, batch_size=64)
+    return out
+
+
+def _within(count: int, n: int, p: float, sigmas: float = 5.0) -> bool:
+    return abs(count - n * p) <= sigmas * np.sqrt(n * p * (1 - p))
+
+
+def test_plain_draw_follows_the_official_sampling(mixed_cache, model14, caplog):
+    """Official stage II: every clip once per epoch, then `random.choice` over the classes,
+    then a uniform start in the range that fits the class. So clips are drawn equally
+    whatever their length, classes equally although fewer starts fit +-2 s than 0 s, and
+    given its class every fitting start equally. A draw uniform over all valid (clip,
+    start, class) triples, as this iterator made before, fails each of the three."""
+    with caplog.at_level(logging.WARNING, logger=fc.__name__):
+        it = fc.train_iterator(mixed_cache, model14[0], batch_size=16, seed=9)
+    assert "1 of 4 clips have no stage-II window" in caplog.text
+    idx, grid = it.cache.index, it.cache.grid
+    valid = [grid.valid_pairs(int(idx["v_len"][c]), int(idx["a_len"][c]), int(idx["nv"][c]), int(idx["na"][c]))
+             for c in range(4)]
+    assert [v.any(axis=0).sum() for v in valid] == [0, 4, 21, 21]
+    # The triple-uniform draw would take the clips in proportion 0 : 5 : 136 : 265 ...
+    assert [int(v.sum()) for v in valid] == [0, 5, 136, 265]
+    tri = np.concatenate([it.draw(s) for s in range(1000)])  # 16,000 rows
+    n = len(tri)
+    for c in range(4):  # ... here every clip with a window a third
+        assert _within(np.sum(tri[:, 0] == c), n, 0 if c == 0 else 1 / 3), c
+    for c in (1, 2, 3):
+        rows = tri[tri[:, 0] == c]
+        assert all(valid[c][g, j] for _, g, j in rows)
+        classes = np.flatnonzero(valid[c].any(axis=0))
+        for j in classes:  # classes equally (the triple draw: class 10 of clip 3 at 16/265 = 6.0 %)
+            assert _within(np.sum(rows[:, 2] == j), len(rows), 1 / len(classes)), (c, j)
+    rows = tri[(tri[:, 0] == 3) & (tri[:, 2] == 10)]  # offset 0 in the 10-s clip: 16 starts fit
+    starts = np.flatnonzero(valid[3][:, 10])
+    assert len(starts) == 16 and set(rows[:, 1]) == set(starts)
+    for g in starts:
+        assert _within(np.sum(rows[:, 1] == g), len(rows), 1 / 16, sigmas=4.5), g
 
 
 def test_curriculum_rows_lie_near_the_anchor(pulse_cache):
