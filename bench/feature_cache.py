@@ -36,7 +36,7 @@ import jax  # noqa: E402
 import model_flops  # noqa: E402
 import numpy as np  # noqa: E402
 
-from synchformer_jax import experiment, feature_cache, train, xla_cpu  # noqa: E402
+from synchformer_jax import experiment, feature_cache, feature_cache_build, train, xla_cpu  # noqa: E402
 
 
 def _demo_config():
@@ -124,9 +124,9 @@ def build_times(config, n_clips: int) -> dict:
         first = next(iter(shard_lib.iter_records(made["train"])))
         one_path = one / shard_lib.shard_name("one", "train", "array_record", 0, 1)
         shard_lib.write_shard(one_path, [first])
-        m1 = feature_cache.build_feature_cache((params, mc), [str(one_path)], tmp / "c1",
+        m1 = feature_cache_build.build_feature_cache((params, mc), [str(one_path)], tmp / "c1",
                                                batch_size=64)
-        mn = feature_cache.build_feature_cache((params, mc), made["train"], tmp / "cn", batch_size=64)
+        mn = feature_cache_build.build_feature_cache((params, mc), made["train"], tmp / "cn", batch_size=64)
         per_clip = (mn["build_seconds"] - m1["build_seconds"]) / (n_clips - 1)
         return {"per_clip_s": per_clip, "bytes_per_clip": mn["bytes_per_clip"], "clips": mn["num_clips"],
                 "first_clip_s": m1["build_seconds"]}

@@ -457,6 +457,64 @@ def _add_train_eval_parsers(sub) -> None:
     p.set_defaults(fn=cmd_eval, accepts_config_overrides=True)
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    from synchformer_jax import experiment
+
+    if config.stage != experiment.STAGE_SYNC:
+        raise ConfigError(f"{args.config} is a {config.stage!r} config; the feature cache serves stage-II "
+                          f"({experiment.STAGE_SYNC!r}) training")
+    out = args.out or config.data.get("feature_cache", "")
+    if not out:
+        raise ConfigError("where to: pass --out DIR or set --config.data.feature_cache=DIR")
+    try:
+        from synchformer_jax.feature_cache_build import parse_part
+
+        part = parse_part(args.part)
+    except ValueError as e:
+        raise ConfigError(f"--part: {e}") from None
+    if args.batch_size < 1 or args.decode_threads < 0:
+        raise ConfigError("--batch-size must be >= 1 and --decode-threads >= 0")
+    _setup_logging(args.verbose)
+    from synchformer_jax import feature_cache_build, train
+
+    workdir = pathlib.Path(args.workdir or out)
+    train_paths, _ = train.data_paths(config, workdir)
+    manifest = feature_cache_build.build_for_config(
+        config, train_paths, out_dir=out, part=part, batch_size=args.batch_size, dtype=args.dtype,
+        decode_threads=args.decode_threads, overwrite=args.overwrite)
+    summary = {"out": str(out), "part": args.part, "complete": manifest is not None}
+    if manifest is not None:
+        summary.update(num_clips=manifest["num_clips"], skipped=len(manifest["skipped"]),
+                       bytes_per_clip=round(manifest["bytes_per_clip"]),
+                       extractor_params_sha256=manifest["extractor_params_sha256"])
+    print(json.dumps(summary))
+    return 0
+
+
+def _add_cache_parser(sub) -> None:
+    p = sub.add_parser("cache", help="stage II: the frozen extractors' features of every training clip, computed "
+                                     "once (then train with --config.data.feature_cache=DIR)")
+    p.add_argument("--config", required=True, metavar="FILE[:ARG]",
+                   help="the stage-II config that will train on the cache (its training shards, init_from "
+                        "extractors and compute dtype); --config.<field>=VALUE overrides as in train")
+    p.add_argument("--out", help="cache folder (default: the config's data.feature_cache)")
+    p.add_argument("--workdir", help="where the synthetic set is made when the config names no shards "
+                                     "(default: --out)")
+    p.add_argument("--part", default="0/1", metavar="I/N",
+                   help="build source shards I, I+N, I+2N, ... only: N processes (one per accelerator or host) "
+                        "share one build in one folder; the last to finish writes the manifest")
+    p.add_argument("--batch-size", type=int, default=64, help="segments per extractor call (default 64)")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
+                   help="storage dtype of the features (default float16: 2.5 MB per 10-s clip at full size)")
+    p.add_argument("--decode-threads", type=int, default=2,
+                   help="threads decoding clips ahead of the extractors (0: decode inline)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rebuild shards that the folder holds from other extractors or settings")
+    p.add_argument("--verbose", action="store_true")
+    p.set_defaults(fn=cmd_cache, accepts_config_overrides=True)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import logging
 
@@ -598,6 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_prepare_parser(sub)
     _add_train_eval_parsers(sub)
+    _add_cache_parser(sub)
     _add_demo_parser(sub)
     _add_desync_parser(sub)
     # Each command module builds its own parser (imports stay light until a command runs).

@@ -168,34 +168,11 @@ def prepare_configs(workdir: str | os.PathLike, *, fast: bool = False,
     return c1, c2
 
 
-def build_stage2_cache(config: ml_collections.ConfigDict, train_paths) -> dict:
-    """The stage-II feature cache (`config.data.feature_cache`) of `train_paths`, made by
-    the extractors stage II starts from (its `init_from`, i.e. stage I's last checkpoint)
-    and keeps frozen, so every cached entry is what the stage would compute itself.
-    Computed in the stage's own `train.compute_dtype` (training refuses features of another).
-    Kept when its manifest exists and names the same extractor weights and compute dtype
-    (a resumed demo)."""
-    import jax
-
-    from synchformer_jax import feature_cache, train
-
-    trainer = train.build_trainer(config)
-    state, _ = train.initial_state(trainer, jax.random.key(config.seed))
-    params, model_config = jax.device_get(state.params), trainer.task.model_config
-    manifest = pathlib.Path(config.data.feature_cache) / feature_cache.MANIFEST
-    if manifest.exists():
-        made = json.loads(manifest.read_text())
-        if made.get("extractor_params_sha256") == feature_cache.extractor_params_sha256(params) \
-                and feature_cache.built_compute_dtype(made) == str(model_config.dtype):
-            return made
-    return feature_cache.build_feature_cache((params, model_config), train_paths, config.data.feature_cache)
-
-
 def run_demo(workdir: str | os.PathLike, *, fast: bool = False, config_path: Optional[str | os.PathLike] = None,
              overrides: Optional[Mapping[str, Any]] = None,
              echo: Callable[[str], None] = print) -> dict:
     """Runs the demo in `workdir` (resuming what is there); returns `results.json`'s content."""
-    from synchformer_jax import pretrained, train
+    from synchformer_jax import feature_cache_build, pretrained, train
 
     workdir = pathlib.Path(workdir).absolute()
     t0, cpu0, load0 = time.perf_counter(), _cpu_seconds(), os.getloadavg()
@@ -216,7 +193,7 @@ def run_demo(workdir: str | os.PathLike, *, fast: bool = False, config_path: Opt
              f"(chance {100 / 7:.1f} %)")
 
     if c2.data.get("feature_cache", ""):
-        made = build_stage2_cache(c2, train_paths)
+        made = feature_cache_build.build_for_config(c2, train_paths, overwrite=True)
         echo(f"[demo] stage-II feature cache of the frozen stage-I extractors: {made['num_clips']} clips "
              f"-> {c2.data.feature_cache}")
     t_cache = time.perf_counter()

@@ -2,8 +2,9 @@
 
 Stage II trains the projections and the sync transformer on top of extractors that are
 frozen *and* in eval mode, so the extractor output of a given segment never changes
-during the stage. This module computes those outputs once per clip, on a fixed grid of
-segments, and serves training batches that are gathers of cached entries.
+during the stage. Those outputs are computed once per clip, on a fixed grid of segments
+(`feature_cache_build`, `synchformer-jax cache`: resumable, in parts), and this module
+serves training batches that are gathers of cached entries.
 
 The grid (derived from `input.transforms`, asserted there, never hard-coded):
 
@@ -69,24 +70,21 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import os
 import pathlib
 import struct
-import time
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from synchformer_jax import records
 from synchformer_jax.input import transforms
 from synchformer_jax.input.shards import sha256_file
 
 __all__ = ["CacheGrid", "grid_for", "official_deviation", "encode_entry", "decode_entry",
-           "build_feature_cache", "FeatureCache", "CacheTrainIterator", "train_iterator",
+           "FeatureCache", "CacheTrainIterator", "train_iterator",
            "extractor_params_sha256", "shard_record", "verify_for_training", "CacheMismatchError",
            "check_model_fit", "built_compute_dtype",
            "MANIFEST", "INDEX"]
@@ -289,184 +287,6 @@ def extractor_params_sha256(params) -> str:
     return h.hexdigest()
 
 
-def _load(model) -> Tuple[Any, Any]:
-    if isinstance(model, (str, os.PathLike)):
-        from synchformer_jax import pretrained
-
-        loaded = pretrained.load_model(model)
-        return loaded.params, loaded.config
-    params, config = model
-    return params, config
-
-
-class _Extractors:
-    """Jitted frozen extractors over fixed-size chunks (one compile per stream)."""
-
-    def __init__(self, params, config, chunk: int):
-        import jax
-        import jax.numpy as jnp
-
-        from synchformer_jax.input import melspec, normalize
-        from synchformer_jax.models import synchformer as sf
-
-        model = sf.build_model(config)
-        self.chunk = int(chunk)
-
-        @jax.jit
-        def video(p, seg_u8):  # [N, 16, H, W, 3] uint8
-            x = jnp.moveaxis(seg_u8, -1, -3)
-            x = normalize.video_uint8_to_model_input(x, half=True, dtype=jnp.float32)
-            # float32 input, as `Task.model_inputs` gives the model (it casts inside).
-            return model.apply({"params": p}, x, method="video_segment_features")
-
-        @jax.jit
-        def audio(p, wav):  # [N, 10240]
-            spec = melspec.log_mel_jax(wav)[:, 0]
-            return model.apply({"params": p}, spec, method="audio_segment_features")
-
-        self.params = params
-        self._video, self._audio = video, audio
-
-    def _run(self, fn, x: np.ndarray, out_dtype) -> np.ndarray:
-        n = x.shape[0]
-        outs = []
-        for i in range(0, n, self.chunk):
-            part = x[i:i + self.chunk]
-            pad = self.chunk - part.shape[0]
-            if pad:
-                part = np.concatenate([part, np.zeros((pad,) + part.shape[1:], part.dtype)])
-            outs.append(np.asarray(fn(self.params, part), dtype=out_dtype)[:self.chunk - pad])
-        return np.concatenate(outs)
-
-    def video(self, seg_u8, out_dtype):
-        return self._run(self._video, seg_u8, out_dtype)
-
-    def audio(self, wav, out_dtype):
-        return self._run(self._audio, wav, out_dtype)
-
-
-def _clip_inputs(rec: records.ClipRecord, grid: CacheGrid, img_size: int):
-    """Decoded record -> (video segments uint8 [Nv,16,h,w,3], audio segments [Na,10240], v_len, a_len)."""
-    import av
-
-    from synchformer_jax.input import pipeline
-
-    if int(rec.fps) != transforms.VIDEO_FPS or int(rec.sample_rate) != transforms.AUDIO_RATE:
-        raise ValueError(f"not at the input contract: {rec.fps} fps, {rec.sample_rate} Hz")
-    n_frames = int(rec.num_frames)
-    if n_frames <= 0:
-        raise ValueError("record does not give num_frames")
-    v_len, a_len = transforms.equalify_from_right(n_frames, int(rec.audio.shape[0]))
-    with av.open(io.BytesIO(rec.video_mp4)) as container:
-        ctx = container.streams.video[0].codec_context
-        top_left = transforms.center_crop_top_left(int(ctx.height), int(ctx.width), img_size)
-        frames = pipeline.decode_video_bytes(b"", start=0, stop_after=v_len - 1, top_left=top_left,
-                                             size=(img_size, img_size), container=container)
-    v_len = min(v_len, frames.shape[0])  # windows past the decodable frames would break the raw path too
-    nv, na = grid.num_video_entries(v_len), grid.num_audio_entries(a_len)
-    if nv < grid.n_segments:
-        # Both streams were cut to the shorter one: say so when the audio was it.
-        a_sec, v_sec = rec.audio.shape[0] / transforms.AUDIO_RATE, n_frames / transforms.VIDEO_FPS
-        why = f" (its {a_sec:.2f} s of audio cut the {v_sec:.2f}-s video)" if a_sec < v_sec else ""
-        raise ValueError(f"clip of {v_len} frames is too short for {grid.n_segments} segments{why}")
-    fidx = grid.video_starts(nv)[:, None] + np.arange(grid.segment_frames)[None]
-    sidx = grid.audio_starts(na)[:, None] + np.arange(grid.segment_samples)[None]
-    audio = np.asarray(rec.audio[:a_len], np.float32)
-    return frames[fidx], audio[sidx], v_len, a_len
-
-
-def _anchor_sec(labels: Optional[Dict[str, Any]]) -> float:
-    """The time of the record's only event (the synthetic onset / pulse clips), NaN for
-    none or several: a window curriculum can only centre windows on a single event."""
-    events = (labels or {}).get("events")
-    if isinstance(events, (list, tuple)) and len(events) == 1 and isinstance(events[0], dict) \
-            and "time_sec" in events[0]:
-        return float(events[0]["time_sec"])
-    return float("nan")
-
-
-def build_feature_cache(model, shard_paths, out_dir, *, batch_size: int = 64, dtype=np.float16,
-                        n_segments: Optional[int] = None, max_off_sec: Optional[float] = None) -> dict:
-    """Extract and store the frozen-extractor features of every clip of `shard_paths`.
-
-    `model`: a model folder / official checkpoint path, or `(params, model_config)`.
-    `batch_size`: segments per extractor call. One output shard per input shard.
-    Broken records are skipped and listed in the manifest. Returns the manifest.
-    """
-    from synchformer_jax.input import shards as shard_lib
-    from synchformer_jax.input.sources import ArrayRecordSource, Broken, expand_paths
-
-    params, config = _load(model)
-    n_segments = int(n_segments or config.n_segments)
-    max_off = float(config.sync.max_offset_sec if max_off_sec is None else max_off_sec)
-    grid = grid_for(n_segments, segment_frames=config.video.num_frames, max_off_sec=max_off,
-                    grid_size=config.sync.num_offset_classes)
-    img = int(config.video.img_size)
-    dtype = np.dtype(dtype)
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = expand_paths(shard_paths)
-    ext = _Extractors(params, config, batch_size)
-    index = {"clip_id": [], "v_len": [], "a_len": [], "nv": [], "na": [], "anchor_sec": []}
-    skipped: List[str] = []
-    shards_out = []
-    t0 = time.perf_counter()
-    n_bytes = 0
-    for si, path in enumerate(paths):
-        name = shard_lib.shard_name("features", "train", "array_record", si, len(paths))
-        src = ArrayRecordSource([path])
-        with shard_lib.ShardWriter(out_dir / name, "array_record") as writer:
-            for i in range(len(src)):
-                data = src[i]
-                clip = "?"
-                try:
-                    if isinstance(data, Broken):
-                        raise ValueError(data.error)
-                    rec = records.decode(data)
-                    clip = rec.clip_id or "?"
-                    vseg, aseg, v_len, a_len = _clip_inputs(rec, grid, img)
-                    vfeat = ext.video(vseg, dtype)
-                    afeat = ext.audio(aseg, dtype)
-                except Exception as exc:  # noqa: BLE001 - one bad clip must not stop the build
-                    msg = f"{path}#{i} clip {clip!r}: {type(exc).__name__}: {exc}"
-                    _log.warning("feature cache: skipping %s", msg)
-                    skipped.append(msg)
-                    continue
-                payload = encode_entry(rec.clip_id, vfeat, afeat, v_len, a_len)
-                n_bytes += len(payload)
-                writer.write(payload)
-                for k, v in (("clip_id", rec.clip_id), ("v_len", v_len), ("a_len", a_len),
-                             ("nv", vfeat.shape[0]), ("na", afeat.shape[0]),
-                             ("anchor_sec", _anchor_sec(rec.labels))):
-                    index[k].append(v)
-            shards_out.append(writer.close())
-    seconds = time.perf_counter() - t0
-    n_clips = len(index["clip_id"])
-    np.savez(out_dir / INDEX, clip_id=np.array(index["clip_id"], dtype=str),
-             anchor_sec=np.array(index["anchor_sec"], np.float64),
-             **{k: np.array(index[k], np.int64) for k in ("v_len", "a_len", "nv", "na")})
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "grid": grid.to_dict(),
-        "crop": {"kind": "centre", "size": img, "flip": False},
-        "video_normalisation": "official float16 (half=True)",
-        "dtype": dtype.name,  # storage; the compute dtype is model_config["dtype"]
-        "feature_dims": {"video": int(config.video.embed_dim), "audio": int(config.audio.hidden_size)},
-        "model_config": config.to_dict(),
-        "extractor_params_sha256": extractor_params_sha256(params),
-        "source_shards": [str(p) for p in paths],
-        "source_shard_files": [shard_record(p) for p in paths],
-        "shards": shards_out,
-        "num_clips": n_clips,
-        "skipped": skipped,
-        "bytes_per_clip": (n_bytes / n_clips) if n_clips else 0.0,
-        "build_seconds": seconds,
-        "official_deviation": official_deviation(grid, max_off_sec=max_off, grid_size=len(grid.offset_frames)),
-    }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
-    return manifest
-
-
 # --------------------------------------------------------------------------- staleness
 
 
@@ -576,7 +396,8 @@ def verify_for_training(cache_dir, params, source_shards: Sequence[str], *, acce
         problems.append(f"it was built by frozen extractors with params sha256 {str(built)[:12]}..., this run's "
                         f"extractors ({origin}) have {have[:12]}...: the head would learn on features the "
                         "trained model does not compute. Rebuild the cache from this run's init_from "
-                        "(feature_cache.build_feature_cache) or set init_from to the model it was built from")
+                        "(synchformer-jax cache --config <this config>) or set init_from to the model it was "
+                        "built from")
     shard_problems = _shard_problems(manifest, source_shards)
     if shard_problems:
         what = f"its clips are not the configured training shards ({'; '.join(shard_problems)})"
@@ -600,6 +421,12 @@ class FeatureCache:
         from synchformer_jax.input.sources import ArrayRecordSource
 
         self.dir = pathlib.Path(cache_dir)
+        if not (self.dir / MANIFEST).is_file():
+            built = sorted(p.name for p in self.dir.glob("*.json")) if self.dir.is_dir() else []
+            why = (f"{len(built)} shards built, no {MANIFEST}: a build still running in parts, or interrupted "
+                   "(run `synchformer-jax cache` again with the same settings: it builds what is missing)"
+                   if built else "no such folder" if not self.dir.is_dir() else f"no {MANIFEST} (not a feature cache)")
+            raise CacheMismatchError(f"feature cache {self.dir}: {why}")
         self.manifest = json.loads((self.dir / MANIFEST).read_text())
         g = dict(self.manifest["grid"])
         g["offset_frames"] = tuple(g["offset_frames"])
@@ -833,14 +660,14 @@ def check_model_fit(cache_dir, manifest: dict, grid: CacheGrid, model_config) ->
     if differ:
         problems.append("it was built for " + ", ".join(f"{k}={b}" for k, b, _ in differ) + ", this run has "
                         + ", ".join(f"{k}={w}" for k, _, w in differ) + ". Rebuild the cache for this model "
-                        "(feature_cache.build_feature_cache) or set "
+                        "(synchformer-jax cache --config <this config>) or set "
                         + " ".join(f"--config.{k}={b}" for k, b, _ in differ))
     else:
         want = grid_for(model_config.n_segments, segment_frames=model_config.video.num_frames,
                         max_off_sec=sync.max_offset_sec, grid_size=sync.num_offset_classes)
         if want != grid:  # the same settings but another grid: built by other transforms code
             problems.append(f"its segment grid ({grid.to_dict()}) is not the one this code derives for the model "
-                            f"({want.to_dict()}). Rebuild the cache (feature_cache.build_feature_cache)")
+                            f"({want.to_dict()}). Rebuild the cache (synchformer-jax cache --config <this config>)")
     built_dtype, run_dtype = built_compute_dtype(manifest), str(model_config.dtype)
     if built_dtype is None:
         _log.warning("feature cache %s predates recording its compute dtype: not checked against this run's %s "
@@ -849,8 +676,7 @@ def check_model_fit(cache_dir, manifest: dict, grid: CacheGrid, model_config) ->
         problems.append(f"its features were computed in {built_dtype}, this run computes in {run_dtype} "
                         f"(train.compute_dtype): the sync head would train on {built_dtype} features while "
                         f"evaluation and the saved model compute {run_dtype} ones. Rebuild the cache with the "
-                        f"extractors computing in {run_dtype} (feature_cache.build_feature_cache((params, "
-                        f"model_config.replace(dtype={run_dtype!r})), ...)) or set "
+                        f"extractors computing in {run_dtype} (synchformer-jax cache --config <this config>) or set "
                         f"--config.train.compute_dtype={built_dtype}")
     if problems:
         raise CacheMismatchError(f"feature cache {cache_dir} does not fit this run: " + "; and ".join(problems))
@@ -870,9 +696,9 @@ def train_iterator(cache_dir, model_config, *, batch_size: int, seed: int, proce
                      model_config.video.img_size)
     short = len(it.cache) - len(it.clips)
     if short:
-        _log.warning("feature cache %s: %d of %d clips have no stage-II window (too short for a %.1f-s crop with "
-                     "+-%.1f s offsets); they are not drawn", cache_dir, short, len(it.cache),
-                     it.cache.grid.v_crop / transforms.VIDEO_FPS, _max_offset_sec(it.cache.grid))
+        _log.warning("feature cache %s: %d of %d clips have no stage-II window (a stream shorter than the "
+                     "%.1f-s crop); they are not drawn", cache_dir, short, len(it.cache),
+                     it.cache.grid.v_crop / transforms.VIDEO_FPS)
     _log.info("feature cache %s: %d clips, %d (clip, window, class) triples; extractor params sha256 %s",
               cache_dir, len(it.clips), it.total, m["extractor_params_sha256"])
     if it.phases:

@@ -36,7 +36,7 @@ import jax
 import numpy as np
 import pytest
 
-from synchformer_jax import experiment, feature_cache as fc, pretrained, records, synthetic, train
+from synchformer_jax import experiment, feature_cache as fc, feature_cache_build as fcb, pretrained, records, synthetic, train
 from synchformer_jax.input import pipeline as pl
 from synchformer_jax.input import shards as shard_lib
 from synchformer_jax.input import transforms
@@ -86,7 +86,7 @@ def model14(data):
     model_dir = pretrained.save_model(data["root"] / "model14", params, config)
     out = data["root"] / "cache14"
     # From the model folder (as a user would); features in float32 for the 1e-5 check.
-    manifest = fc.build_feature_cache(model_dir, data["train"], out, batch_size=16, dtype=np.float32)
+    manifest = fcb.build_feature_cache(model_dir, data["train"], out, batch_size=16, dtype=np.float32)
     return config, params, out, manifest
 
 
@@ -369,7 +369,7 @@ def pulse_cache(data, model14):
     shard = data["root"] / shard_lib.shard_name("pulse", "train", "array_record", 0, 1)
     shard_lib.write_shard(shard, [records.encode(r) for r in recs])
     out = data["root"] / "cache_pulse"
-    fc.build_feature_cache((params, config), [str(shard)], out, batch_size=64)
+    fcb.build_feature_cache((params, config), [str(shard)], out, batch_size=64)
     return out
 
 
@@ -426,7 +426,7 @@ def mixed_cache(data, model14):
     shard = data["root"] / shard_lib.shard_name("mixed", "train", "array_record", 0, 1)
     shard_lib.write_shard(shard, [records.encode(r) for r in recs])
     out = data["root"] / "cache_mixed"
-    fc.build_feature_cache((params, config), [str(shard)], out, batch_size=64)
+    fcb.build_feature_cache((params, config), [str(shard)], out, batch_size=64)
     return out
 
 
@@ -557,7 +557,7 @@ def test_a_clip_too_short_because_of_its_audio_says_so(data):
     for 14 segments because of its audio, which the reason must say."""
     rec = records.decode(data["payloads"][0])
     grid = fc.grid_for(14)
-    fc._clip_inputs(rec, grid, 32)  # the whole clip fits
+    fcb._clip_inputs(rec, grid, 32)  # the whole clip fits
     short = dataclasses.replace(rec, audio=rec.audio[:2 * 16000])
     with pytest.raises(ValueError, match=r"too short for 14 segments \(its 2.00 s of audio cut the 8.00-s video\)"):
-        fc._clip_inputs(short, grid, 32)
+        fcb._clip_inputs(short, grid, 32)
