@@ -10,9 +10,10 @@ Cases:
 * XLA:CPU's YNNPACK fusions are off, as in the CLI (`synchformer_jax/xla_cpu.py`);
 * MFU of each step: its model FLOPs (bench/model_flops.py: `stage2` raw, `stage2_cached`
   cached) per second over `--peak-tflops` or the float32 matmul rate measured here;
-* cache build time per 10-s clip (`build_feature_cache`, demo model, 72-px synthetic
-  clips, float16): (time for N clips - time for 1 clip) / (N - 1), so the extractor
-  compile of each build cancels out.
+* cache build time per 10-s clip (`feature_cache_build.build_feature_cache`, demo model,
+  72-px synthetic clips, float16): (time for N clips - time for 1 clip) / (N - 1), so the
+  extractor compile of each build cancels out; with the clips decoded inline and on 2
+  threads ahead of the extractors (`decode_threads` 0 and 2).
 * bytes per clip (float16): measured record size at tiny size; computed at full size
   (D = 768, 30 video x 8 tokens + 233 audio x 6 tokens per 10-s clip: the grid of
   `feature_cache.grid_for(14)`), and the AudioSet-scale total (2 M clips).
@@ -107,29 +108,33 @@ def step_times(config, steps: int) -> dict:
     return out
 
 
-def build_times(config, n_clips: int) -> dict:
+def build_times(config, n_clips: int, decode_threads=(0, 2)) -> dict:
+    """Per-clip build time for each decode-thread count, the same clips and params."""
     from synchformer_jax import synthetic  # noqa: PLC0415
+    from synchformer_jax.input import shards as shard_lib  # noqa: PLC0415
     from synchformer_jax.models import synchformer as sf  # noqa: PLC0415
 
     mc = experiment.model_config(config)
     params = sf.init_params(mc, jax.random.key(0))
+    out = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         made = synthetic.make_dataset(tmp / "clips", n_clips, 0, seed=3, num_shards=1,
                                       **dict(config.data.synthetic_clip))
         one = tmp / "one"
         one.mkdir()
-        from synchformer_jax.input import shards as shard_lib  # noqa: PLC0415
-
         first = next(iter(shard_lib.iter_records(made["train"])))
         one_path = one / shard_lib.shard_name("one", "train", "array_record", 0, 1)
         shard_lib.write_shard(one_path, [first])
-        m1 = feature_cache_build.build_feature_cache((params, mc), [str(one_path)], tmp / "c1",
-                                               batch_size=64)
-        mn = feature_cache_build.build_feature_cache((params, mc), made["train"], tmp / "cn", batch_size=64)
-        per_clip = (mn["build_seconds"] - m1["build_seconds"]) / (n_clips - 1)
-        return {"per_clip_s": per_clip, "bytes_per_clip": mn["bytes_per_clip"], "clips": mn["num_clips"],
-                "first_clip_s": m1["build_seconds"]}
+        for threads in decode_threads:
+            kw = dict(batch_size=64, decode_threads=threads)
+            m1 = feature_cache_build.build_feature_cache((params, mc), [str(one_path)], tmp / f"c1_{threads}", **kw)
+            mn = feature_cache_build.build_feature_cache((params, mc), made["train"], tmp / f"cn_{threads}", **kw)
+            per_clip = (mn["build_seconds"] - m1["build_seconds"]) / (n_clips - 1)
+            out[threads] = {"per_clip_s": per_clip, "bytes_per_clip": mn["bytes_per_clip"],
+                            "clips": mn["num_clips"], "first_clip_s": m1["build_seconds"]}
+            print(f"  build, {threads} decode threads: {per_clip * 1e3:.0f} ms per clip", flush=True)
+    return out
 
 
 def full_bytes_per_clip() -> dict:
@@ -173,9 +178,12 @@ def main(argv=None):
               f"{raw['compile_s']:.1f} s / {cached['compile_s']:.1f} s |")
     print("\n| item | value |")
     print("|---|---|")
+    for threads, b in (build or {}).items():
+        print(f"| cache build, demo model, per 10-s clip (72 px, CPU), {threads} decode threads | "
+              f"{b['per_clip_s'] * 1e3:.0f} ms |")
     if build:
-        print(f"| cache build, demo model, per 10-s clip (72 px, CPU) | {build['per_clip_s'] * 1e3:.0f} ms |")
-        print(f"| bytes per 10-s clip, demo model (D=96, float16), measured | {build['bytes_per_clip'] / 1e3:.1f} kB |")
+        b = next(iter(build.values()))
+        print(f"| bytes per 10-s clip, demo model (D=96, float16), measured | {b['bytes_per_clip'] / 1e3:.1f} kB |")
     print(f"| entries per 10-s clip (full grid) | {full['nv']} video x 8 tokens, {full['na']} audio x 6 tokens |")
     print(f"| bytes per 10-s clip, full size (D=768, float16) | {full['bytes'] / 1e6:.2f} MB |")
     print(f"| AudioSet scale (2 M clips), full size float16 | {full['audioset_tb']:.2f} TB |")

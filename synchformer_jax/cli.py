@@ -505,7 +505,7 @@ def _add_cache_parser(sub) -> None:
                    help="build source shards I, I+N, I+2N, ... only: N processes (one per accelerator or host) "
                         "share one build in one folder; the last to finish writes the manifest")
     p.add_argument("--batch-size", type=int, default=64, help="segments per extractor call (default 64)")
-    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16",
                    help="storage dtype of the features (default float16: 2.5 MB per 10-s clip at full size)")
     p.add_argument("--decode-threads", type=int, default=2,
                    help="threads decoding clips ahead of the extractors (0: decode inline)")

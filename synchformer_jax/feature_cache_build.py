@@ -350,6 +350,8 @@ def build_feature_cache(model, shard_paths, out_dir, *, batch_size: int = 64, dt
                     grid_size=config.sync.num_offset_classes)
     img = int(config.video.img_size)
     dtype = np.dtype(dtype)
+    if dtype not in (np.float16, np.float32):  # entries name their dtype by `dtype.str`, which bfloat16 lacks
+        raise ValueError(f"feature cache storage dtype must be float16 or float32, got {dtype.name}")
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = expand_paths(shard_paths)

@@ -188,7 +188,8 @@ def negative_pools(config: ml_collections.ConfigDict, num_devices: int) -> int:
 
 
 def check_batch_sizes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, training: bool = True) -> None:
-    """The batch sizes against the processes, the mesh and the stage-I pools, at start-up
+    """The batch sizes against the processes, the mesh and the stage-I pools of
+    `train.pool_clips` (one pool per device always fits a batch that fits the mesh), at start-up
     rather than at the first batch or the first evaluation (hours into a run): a one-line
     `cli.ConfigError` naming the setting and the sizes that fit."""
     from synchformer_jax.cli import ConfigError  # cli imports only the standard library and numpy
@@ -209,9 +210,6 @@ def check_batch_sizes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
     if training and not problems and pool_clips and config.data.batch_size % pool_clips:
         problems.append(f"data.batch_size={config.data.batch_size} does not split into stage-I pools of "
                         f"train.pool_clips={pool_clips} clips")
-    elif training and not problems and config.data.batch_size % negative_pools(config, mesh.size):
-        problems.append(f"data.batch_size={config.data.batch_size} does not split into one stage-I InfoNCE "
-                        f"pool per device ({mesh.size}, train.negatives='device')")
     if problems:
         raise ConfigError("; ".join(problems))
 

@@ -143,6 +143,15 @@ def test_other_extractors_are_refused_unless_overwrite(model, sources, single, t
     assert made["extractor_params_sha256"] != fc.extractor_params_sha256(params)
 
 
+def test_bfloat16_storage_is_refused(model, sources, tmp_path):
+    """An entry names its dtype by `dtype.str`, which is '<V2' for bfloat16: unreadable."""
+    import ml_dtypes
+
+    with pytest.raises(ValueError, match="storage dtype must be float16 or float32, got bfloat16"):
+        fcb.build_feature_cache(model, sources[1][:1], tmp_path / "c", dtype=ml_dtypes.bfloat16)
+    assert not (tmp_path / "c").exists()
+
+
 def test_parse_part():
     assert fcb.parse_part("0/1") == (0, 1) and fcb.parse_part("3/4") == (3, 4)
     for bad in ("4/4", "-1/2", "1", "a/b", "0/0"):
