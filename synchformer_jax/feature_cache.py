@@ -440,6 +440,7 @@ class FeatureCache:
             raise ValueError(f"{self.dir}: {len(self._src)} records but {len(self.index['nv'])} index rows")
         self._memory: "OrderedDict[int, dict]" = OrderedDict()
         self._memory_clips = int(memory_clips)
+        self._pairs: Dict[Tuple[int, int, int, int], np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self._src)
@@ -457,14 +458,24 @@ class FeatureCache:
                 self._memory.popitem(last=False)
         return e
 
-    def pair_counts(self) -> np.ndarray:
-        """Valid (window, class) pairs per clip (a Python loop: ~tens of us per clip)."""
+    def valid_pairs(self, clip: int) -> np.ndarray:
+        """`CacheGrid.valid_pairs` of one clip, computed once per distinct clip length (an
+        AudioSet-sized cache has millions of clips but few lengths)."""
         idx = self.index
-        out = np.zeros(len(idx["nv"]), np.int64)
-        for i in range(len(out)):
-            out[i] = int(self.grid.valid_pairs(int(idx["v_len"][i]), int(idx["a_len"][i]),
-                                               int(idx["nv"][i]), int(idx["na"][i])).sum())
-        return out
+        key = tuple(int(idx[k][clip]) for k in ("v_len", "a_len", "nv", "na"))
+        if key not in self._pairs:
+            self._pairs[key] = self.grid.valid_pairs(*key)
+            self._pairs[key].setflags(write=False)
+        return self._pairs[key]
+
+    def pair_counts(self) -> np.ndarray:
+        """Valid (window, class) pairs per clip."""
+        rows = np.stack([self.index[k] for k in ("v_len", "a_len", "nv", "na")], axis=1).astype(np.int64)
+        if not len(rows):
+            return np.zeros(0, np.int64)
+        _, first, inverse = np.unique(rows, axis=0, return_index=True, return_inverse=True)
+        counts = np.array([int(self.valid_pairs(int(c)).sum()) for c in first], np.int64)
+        return counts[inverse.reshape(-1)]
 
     def window(self, clip: int, g: int, j: int) -> Tuple[np.ndarray, np.ndarray]:
         """`vfeat [S, 8, D]`, `afeat [S, 6, D]` of one window (a gather)."""
@@ -553,8 +564,7 @@ class CacheTrainIterator:
         anchored = np.flatnonzero(np.isfinite(idx["anchor_sec"]))
         clips, pairs = [], []
         for c in anchored:
-            ok = np.argwhere(grid.valid_pairs(int(idx["v_len"][c]), int(idx["a_len"][c]),
-                                              int(idx["nv"][c]), int(idx["na"][c])))
+            ok = np.argwhere(self.cache.valid_pairs(int(c)))
             # 1e-6 s: centres and anchors sit on the 0.04-s frame grid; a jitter equal to a
             # distance between them must count despite float rounding.
             near = ok[np.abs(grid.window_centre_sec(ok[:, 0]) - idx["anchor_sec"][c]) <= jitter + 1e-6]
@@ -577,11 +587,9 @@ class CacheTrainIterator:
         clip_u = rng.integers(0, len(self.clips), size=n)[rows]
         class_u, start_u = rng.random((2, n))[:, rows]
         out = np.zeros((len(clip_u), 3), np.int64)
-        idx = self.cache.index
         for r, (ci, uj, ug) in enumerate(zip(clip_u, class_u, start_u)):
             clip = int(self.clips[ci])
-            ok = self.cache.grid.valid_pairs(int(idx["v_len"][clip]), int(idx["a_len"][clip]),
-                                             int(idx["nv"][clip]), int(idx["na"][clip]))
+            ok = self.cache.valid_pairs(clip)
             classes = np.flatnonzero(ok.any(axis=0))
             j = classes[int(uj * len(classes))]
             starts = np.flatnonzero(ok[:, j])

@@ -449,6 +449,7 @@ def test_plain_draw_follows_the_official_sampling(mixed_cache, model14, caplog):
     assert [v.any(axis=0).sum() for v in valid] == [0, 4, 21, 21]
     # The triple-uniform draw would take the clips in proportion 0 : 5 : 136 : 265 ...
     assert [int(v.sum()) for v in valid] == [0, 5, 136, 265]
+    assert it.cache.pair_counts().tolist() == [0, 5, 136, 265]  # per distinct length, spread back
     tri = np.concatenate([it.draw(s) for s in range(1000)])  # 16,000 rows
     n = len(tri)
     for c in range(4):  # ... here every clip with a window a third
