@@ -437,7 +437,11 @@ class FeatureCache:
         self.index.setdefault("anchor_sec", np.full(len(self.index["nv"]), np.nan))
         self._src = ArrayRecordSource([str(self.dir / s["file"]) for s in self.manifest["shards"]])
         if len(self._src) != len(self.index["nv"]):
-            raise ValueError(f"{self.dir}: {len(self._src)} records but {len(self.index['nv'])} index rows")
+            raise CacheMismatchError(
+                f"feature cache {self.dir}: its shards hold {len(self._src)} records but its index lists "
+                f"{len(self.index['nv'])} clips (a shard damaged or replaced; the warnings above name any that "
+                "cannot be opened): run synchformer-jax cache again, which builds again every shard whose "
+                "size differs from its sidecar's")
         self._memory: "OrderedDict[int, dict]" = OrderedDict()
         self._memory_clips = int(memory_clips)
         self._pairs: Dict[Tuple[int, int, int, int], np.ndarray] = {}
@@ -446,17 +450,30 @@ class FeatureCache:
         return len(self._src)
 
     def __getitem__(self, i: int) -> dict:
-        i = int(i)
-        if i in self._memory:
-            self._memory.move_to_end(i)
-            return self._memory[i]
-        data = self._src[i]
-        e = decode_entry(data)
-        if self._memory_clips > 0:
-            self._memory[i] = e
-            if len(self._memory) > self._memory_clips:
-                self._memory.popitem(last=False)
-        return e
+        return self.entries([i])[int(i)]
+
+    def entries(self, clips: Sequence[int]) -> Dict[int, dict]:
+        """Decoded entries of `clips`: those in memory, the rest in one parallel read."""
+        from synchformer_jax.input.sources import Broken
+
+        out, missing = {}, []
+        for i in dict.fromkeys(int(c) for c in clips):
+            if i in self._memory:
+                self._memory.move_to_end(i)
+                out[i] = self._memory[i]
+            else:
+                missing.append(i)
+        for i, data in zip(missing, self._src.get_many(missing)):
+            if isinstance(data, Broken):
+                raise CacheMismatchError(f"feature cache {self.dir}: clip {i} ({data.where}) cannot be read: "
+                                         f"{data.error}. Rebuild its shard: delete that shard's .json sidecar "
+                                         "and run synchformer-jax cache again")
+            out[i] = decode_entry(data)
+            if self._memory_clips > 0:
+                self._memory[i] = out[i]
+                if len(self._memory) > self._memory_clips:
+                    self._memory.popitem(last=False)
+        return out
 
     def valid_pairs(self, clip: int) -> np.ndarray:
         """`CacheGrid.valid_pairs` of one clip, computed once per distinct clip length (an
@@ -477,9 +494,10 @@ class FeatureCache:
         counts = np.array([int(self.valid_pairs(int(c)).sum()) for c in first], np.int64)
         return counts[inverse.reshape(-1)]
 
-    def window(self, clip: int, g: int, j: int) -> Tuple[np.ndarray, np.ndarray]:
-        """`vfeat [S, 8, D]`, `afeat [S, 6, D]` of one window (a gather)."""
-        e = self[clip]
+    def window(self, clip: int, g: int, j: int, entry: Optional[dict] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """`vfeat [S, 8, D]`, `afeat [S, 6, D]` of one window (a gather); `entry`: the
+        clip's entry when already read."""
+        e = self[clip] if entry is None else entry
         vi, ai = self.grid.window_entries(g, j)
         return e["vfeat"][vi], e["afeat"][ai]
 
@@ -626,7 +644,8 @@ class CacheTrainIterator:
 
     def __next__(self) -> Dict[str, np.ndarray]:
         triples = self.draw(self.step)
-        v, a = zip(*(self.cache.window(c, g, j) for c, g, j in triples))
+        read = self.cache.entries(triples[:, 0])  # the batch's clips in one parallel read
+        v, a = zip(*(self.cache.window(c, g, j, read[int(c)]) for c, g, j in triples))
         self.step += 1
         return {"vfeat": np.stack(v), "afeat": np.stack(a), "offset_target": triples[:, 2].astype(np.int32)}
 

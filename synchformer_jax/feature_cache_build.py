@@ -264,6 +264,15 @@ def _same_source(recorded: dict, path: str) -> bool:
     return sha256_file(path) == recorded.get("sha256")
 
 
+def _output_intact(path: pathlib.Path, side: dict) -> bool:
+    """The output shard is there at the size its sidecar recorded (a cheap check; the
+    sha256 in the sidecar is for a full audit)."""
+    try:
+        return path.stat().st_size == side["shard"]["bytes"]
+    except (OSError, KeyError, TypeError):
+        return False
+
+
 def _key_difference(have: dict, want: dict) -> str:
     return ", ".join(f"{k}: {have.get(k)!r} (building {want[k]!r})" for k in want if have.get(k) != want[k])
 
@@ -275,7 +284,8 @@ def _finalise(out_dir: pathlib.Path, paths: Sequence[str], names: Sequence[str],
     sides, missing = [], []
     for path, name in zip(paths, names):
         side = _read_sidecar(out_dir / (name + SIDECAR_SUFFIX))
-        if side is None or side.get("key") != key or not _same_source(side["source"], path):
+        if side is None or side.get("key") != key or not _same_source(side["source"], path) \
+                or not _output_intact(out_dir / name, side):
             missing.append(name)
         sides.append(side)
     if missing:
@@ -366,7 +376,8 @@ def build_feature_cache(model, shard_paths, out_dir, *, batch_size: int = 64, dt
     todo = []
     for si in range(index, len(paths), count):
         side = _read_sidecar(out_dir / (names[si] + SIDECAR_SUFFIX))
-        if side is not None and side.get("key") == key and _same_source(side["source"], paths[si]):
+        if side is not None and side.get("key") == key and _same_source(side["source"], paths[si]) \
+                and _output_intact(out_dir / names[si], side):
             continue
         if side is not None and side.get("key") != key and not overwrite:
             raise CacheMismatchError(

@@ -5,7 +5,8 @@
   last writes the manifest, and the cache equals a single-process build record for
   record, the decode-ahead threads included.
 * A rerun builds only what is missing or stale: nothing after a complete build, one
-  shard whose sidecar was lost (an interrupted build), one whose source changed.
+  shard whose sidecar was lost (an interrupted build), one whose source changed, one
+  whose output was cut short (which training refuses in one line until then).
 * A folder holding shards of other extractors is refused unless `overwrite`, which
   rebuilds them; a rebuild removes the old manifest first.
 * The CLI builds the cache of a stage-II config (its init_from extractors, its compute
@@ -124,6 +125,23 @@ def test_a_rerun_builds_only_what_is_missing_or_stale(model, sources, tmp_path, 
         assert rebuilt(caplog.text) == [names[2]]
     assert list(fc.FeatureCache(out).index["clip_id"]) == ["clip0", "clip1", "clip2", "new"]
     assert manifest["source_shard_files"][2]["sha256"] == shard_lib.sha256_file(src[2])
+    # An output shard cut short (a full disk, a bad copy) is built again; until then
+    # training stops at its first read of it, saying which shard and what to do.
+    data = (out / names[0]).read_bytes()
+    (out / names[0]).write_bytes(data[: len(data) // 2])
+    cache = fc.FeatureCache(out)
+    with pytest.raises(fc.CacheMismatchError, match=rf"clip 0 \(.*{names[0]}\) cannot be read: .*Rebuild its shard"):
+        cache.entries([1, 0])
+    with caplog.at_level(logging.INFO, logger=fcb.__name__):
+        caplog.clear()
+        fcb.build_feature_cache(model, src, out, **kw)
+        assert rebuilt(caplog.text) == [names[0]]
+    assert len(fc.FeatureCache(out).entries([0, 1, 2, 3])) == 4
+    # The shard of two clips cut short: one unreadable slot for two index rows.
+    data = (out / names[1]).read_bytes()
+    (out / names[1]).write_bytes(data[: len(data) // 2])
+    with pytest.raises(fc.CacheMismatchError, match=r"its shards hold 3 records but its index lists 4 clips"):
+        fc.FeatureCache(out)
 
 
 def test_other_extractors_are_refused_unless_overwrite(model, sources, single, tmp_path):

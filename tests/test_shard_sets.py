@@ -146,6 +146,13 @@ def test_a_truncated_shard_is_skipped_and_reported_with_its_clip_count(prepared,
     assert isinstance(broken, sources.Broken) and broken.where == str(bad)
     assert "truncated or damaged" in broken.error and "its 1 clip(s) (per manifest.json)" in broken.error
     assert bad.name in caplog.text and "skipped" in caplog.text
+    # The parallel read gives the same records and slots, in the order asked, repeats included.
+    order = [2, 0, 1, 2, 0]
+    many = src.get_many(order)
+    assert many[0] == src[2] and many[1] == src[0] and many[3] == src[2] and many[4] == src[0]
+    assert isinstance(many[2], sources.Broken) and many[2].where == str(bad)
+    with pytest.raises(IndexError):
+        src.get_many([0, 3])
 
 
 def test_tfrecord_bytes_under_an_array_record_name_are_named_as_such(tmp_path):
