@@ -18,11 +18,14 @@ Cases:
   (D = 768, 30 video x 8 tokens + 233 audio x 6 tokens per 10-s clip: the grid of
   `feature_cache.grid_for(14)`), and the AudioSet-scale total (2 M clips).
 
-    python bench/feature_cache.py [--steps 5] [--clips 4] [--full]
+* rows/s of the cached training iterator over full-size entries (`--reads CLIPS`).
+
+    python bench/feature_cache.py [--steps 5] [--clips 4] [--full] [--reads 400]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import sys
@@ -137,6 +140,55 @@ def build_times(config, n_clips: int, decode_threads=(0, 2)) -> dict:
     return out
 
 
+def iterator_reads(n_clips: int, batch: int, seconds: float = 5.0) -> dict:
+    """Rows/s of the cached training iterator over full-size 10-s entries (D = 768,
+    float16: ~2.5 MB per clip read for ~0.33 MB of gathered window), clips read per batch
+    (memory_clips=0: every row a read, from the page cache here) and from memory."""
+    from synchformer_jax.input import shards as shard_lib  # noqa: PLC0415
+
+    grid = feature_cache.grid_for(14)
+    nv, na = grid.num_video_entries(250), grid.num_audio_entries(160000)
+    rng = np.random.default_rng(0)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = pathlib.Path(tmp)
+        name = shard_lib.shard_name("features", "train", "array_record", 0, 1)
+        v = rng.standard_normal((nv, 8, 768)).astype(np.float16)
+        a = rng.standard_normal((na, 6, 768)).astype(np.float16)
+        with shard_lib.ShardWriter(tmp / name, "array_record") as w:
+            for i in range(n_clips):
+                w.write(feature_cache.encode_entry(f"c{i}", v, a, 250, 160000))
+            shard = w.close()
+        np.savez(tmp / feature_cache.INDEX, clip_id=np.array([f"c{i}" for i in range(n_clips)]),
+                 anchor_sec=np.full(n_clips, np.nan), v_len=np.full(n_clips, 250), a_len=np.full(n_clips, 160000),
+                 nv=np.full(n_clips, nv), na=np.full(n_clips, na))
+        (tmp / feature_cache.MANIFEST).write_text(json.dumps({"grid": grid.to_dict(), "shards": [shard]}))
+        for memory in (0, n_clips):
+            it = feature_cache.CacheTrainIterator(tmp, batch_size=batch, seed=0, memory_clips=memory)
+            next(it)
+            t0, rows = time.perf_counter(), 0
+            while time.perf_counter() - t0 < seconds:
+                next(it)
+                rows += batch
+            rate = rows / (time.perf_counter() - t0)
+            out["read" if memory == 0 else "memory"] = rate
+            print(f"  cached iterator, full-size entries, {'read per batch' if memory == 0 else 'in memory'}: "
+                  f"{rate:,.0f} rows/s", flush=True)
+        src = feature_cache.FeatureCache(tmp, memory_clips=0)._src
+        idx = rng.integers(0, n_clips, 512).tolist()
+        t0 = time.perf_counter()
+        for i in idx:
+            src[i]
+        one = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        src.get_many(idx)
+        many = time.perf_counter() - t0
+        out["get_many_speedup"] = one / many
+        out["bytes_per_clip"] = shard["bytes"] / n_clips
+        print(f"  512 reads one by one {one:.2f} s, in one get_many {many:.2f} s ({one / many:.1f}x)", flush=True)
+    return out
+
+
 def full_bytes_per_clip() -> dict:
     g = feature_cache.grid_for(14)
     nv, na = g.num_video_entries(250), g.num_audio_entries(160000)
@@ -151,6 +203,8 @@ def main(argv=None):
     p.add_argument("--full", action="store_true", help="also the full-size batch-1 step (minutes on a CPU)")
     p.add_argument("--skip-build", action="store_true")
     p.add_argument("--skip-steps", action="store_true", help="only the build / bytes numbers")
+    p.add_argument("--reads", type=int, default=0, metavar="CLIPS",
+                   help="also the cached iterator's rows/s over CLIPS full-size entries (2.5 MB each, on disk)")
     p.add_argument("--peak-tflops", type=float, help="peak for MFU (default: measured float32 matmul rate)")
     a = p.parse_args(argv)
     xla_cpu.disable_ynn_fusion()  # as the CLI does
@@ -164,6 +218,7 @@ def main(argv=None):
         rows.append(("full 224px b1", step_times(_full_config(1), max(1, min(a.steps, 2)))))
     build = None if a.skip_build else build_times(_demo_config(), a.clips)
     full = full_bytes_per_clip()
+    reads = iterator_reads(a.reads, 256) if a.reads else None
     peak = a.peak_tflops * 1e12 if a.peak_tflops else (model_flops.measure_peak_flops("float32")[0] if rows else None)
     peak_src = "--peak-tflops" if a.peak_tflops else "float32 matmul"
 
@@ -187,6 +242,10 @@ def main(argv=None):
     print(f"| entries per 10-s clip (full grid) | {full['nv']} video x 8 tokens, {full['na']} audio x 6 tokens |")
     print(f"| bytes per 10-s clip, full size (D=768, float16) | {full['bytes'] / 1e6:.2f} MB |")
     print(f"| AudioSet scale (2 M clips), full size float16 | {full['audioset_tb']:.2f} TB |")
+    if reads:
+        print(f"| cached iterator, full-size entries, batch 256, clips read per batch | {reads['read']:,.0f} rows/s |")
+        print(f"| cached iterator, full-size entries, batch 256, clips in memory | {reads['memory']:,.0f} rows/s |")
+        print(f"| a batch's reads in one parallel read vs one by one | {reads['get_many_speedup']:.1f}x |")
 
 
 if __name__ == "__main__":

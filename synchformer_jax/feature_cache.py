@@ -645,9 +645,17 @@ class CacheTrainIterator:
     def __next__(self) -> Dict[str, np.ndarray]:
         triples = self.draw(self.step)
         read = self.cache.entries(triples[:, 0])  # the batch's clips in one parallel read
-        v, a = zip(*(self.cache.window(c, g, j, read[int(c)]) for c, g, j in triples))
+        first = read[int(triples[0, 0])]
+        s = self.cache.grid.n_segments
+        vfeat = np.empty((len(triples), s) + first["vfeat"].shape[1:], first["vfeat"].dtype)
+        afeat = np.empty((len(triples), s) + first["afeat"].shape[1:], first["afeat"].dtype)
+        for r, (c, g, j) in enumerate(triples):  # gathered straight into the batch: one copy
+            e = read[int(c)]
+            vi, ai = self.cache.grid.window_entries(int(g), int(j))
+            np.take(e["vfeat"], vi, axis=0, out=vfeat[r])
+            np.take(e["afeat"], ai, axis=0, out=afeat[r])
         self.step += 1
-        return {"vfeat": np.stack(v), "afeat": np.stack(a), "offset_target": triples[:, 2].astype(np.int32)}
+        return {"vfeat": vfeat, "afeat": afeat, "offset_target": triples[:, 2].astype(np.int32)}
 
     def get_state(self) -> dict:
         return {"step": int(self.step)}
