@@ -507,8 +507,9 @@ def _add_cache_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="segments per extractor call (default 64)")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16",
                    help="storage dtype of the features (default float16: 2.5 MB per 10-s clip at full size)")
-    p.add_argument("--decode-threads", type=int, default=2,
-                   help="threads decoding clips ahead of the extractors (0: decode inline)")
+    p.add_argument("--decode-threads", type=int, default=4,
+                   help="threads decoding clips ahead of the extractors (0: decode inline; default 4: a 10-s "
+                        "clip takes ~0.1-0.15 s of one core to decode and ~0.07 s of an H100 to extract)")
     p.add_argument("--overwrite", action="store_true",
                    help="rebuild shards that the folder holds from other extractors or settings")
     p.add_argument("--verbose", action="store_true")
