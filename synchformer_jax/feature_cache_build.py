@@ -338,7 +338,7 @@ def parse_part(text: str) -> Tuple[int, int]:
 
 def build_feature_cache(model, shard_paths, out_dir, *, batch_size: int = 64, dtype=np.float16,
                         n_segments: Optional[int] = None, max_off_sec: Optional[float] = None,
-                        part: Tuple[int, int] = (0, 1), decode_threads: int = 2,
+                        part: Tuple[int, int] = (0, 1), decode_threads: int = 4,
                         overwrite: bool = False) -> Optional[dict]:
     """Extract and store the frozen-extractor features of every clip of `shard_paths`
     (this part's shards; see the module doc). Returns the manifest once the whole cache
