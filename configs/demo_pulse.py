@@ -13,7 +13,9 @@
 #
 # Measured (2026-11-23, 2 cores): 82.8 % Acc@1 / 94.1 % +-1 class on the 256 held-out
 # clips at their official fixed offsets (chance 4.8 %), 2,332 s wall (stage II 2,122 s);
-# with `--set seed=1 --set data.synthetic_seed=1`: 88.3 % / 98.0 %.
+# with `--set seed=1 --set data.synthetic_seed=1`: 88.3 % / 98.0 %. (Both measured when the
+# cache's unrestricted draw was uniform over (clip, start, class) triples; it now draws the
+# official way, clip then class then start: not rerun since, ~40 minutes.)
 """Pulse demo configs: `get_config("segment_avclip")` / `get_config("sync")`, as configs/demo.py."""
 import pathlib
 
