@@ -85,7 +85,7 @@ from synchformer_jax.input.shards import sha256_file
 
 __all__ = ["CacheGrid", "grid_for", "official_deviation", "encode_entry", "decode_entry",
            "FeatureCache", "CacheTrainIterator", "train_iterator",
-           "extractor_params_sha256", "shard_record", "verify_for_training", "CacheMismatchError",
+           "extractor_params_sha256", "shard_record", "same_source", "verify_for_training", "CacheMismatchError",
            "check_model_fit", "built_compute_dtype",
            "MANIFEST", "INDEX"]
 
@@ -314,6 +314,12 @@ def _shard_digest(path: str, recorded_by_path: Dict[str, dict], recorded_sizes: 
     return sha256_file(path)
 
 
+def same_source(recorded: dict, path: str) -> bool:
+    """`path` holds the shard `recorded` (a `shard_record`): by path, size and mtime, or
+    else by content (a moved copy)."""
+    return _shard_digest(path, {recorded.get("path"): recorded}, {recorded.get("size")}) == recorded.get("sha256")
+
+
 def _shard_problems(manifest: dict, source_shards: Sequence[str]) -> List[str]:
     """How the configured shards differ from the cache's sources (empty: the same clips)."""
     configured = [os.fspath(p) for p in source_shards]
@@ -494,10 +500,9 @@ class FeatureCache:
         counts = np.array([int(self.valid_pairs(int(c)).sum()) for c in first], np.int64)
         return counts[inverse.reshape(-1)]
 
-    def window(self, clip: int, g: int, j: int, entry: Optional[dict] = None) -> Tuple[np.ndarray, np.ndarray]:
-        """`vfeat [S, 8, D]`, `afeat [S, 6, D]` of one window (a gather); `entry`: the
-        clip's entry when already read."""
-        e = self[clip] if entry is None else entry
+    def window(self, clip: int, g: int, j: int) -> Tuple[np.ndarray, np.ndarray]:
+        """`vfeat [S, 8, D]`, `afeat [S, 6, D]` of one window (a gather)."""
+        e = self[clip]
         vi, ai = self.grid.window_entries(g, j)
         return e["vfeat"][vi], e["afeat"][ai]
 

@@ -35,7 +35,6 @@ import logging
 import os
 import pathlib
 import time
-import uuid
 from collections import deque
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -44,9 +43,9 @@ import numpy as np
 from synchformer_jax import records
 from synchformer_jax.feature_cache import (INDEX, MANIFEST, CacheGrid, CacheMismatchError, FORMAT_VERSION,
                                            encode_entry, extractor_params_sha256, grid_for, official_deviation,
-                                           shard_record)
+                                           same_source, shard_record)
 from synchformer_jax.input import transforms
-from synchformer_jax.input.shards import sha256_file
+from synchformer_jax.input.shards import write_atomic, write_json_atomic
 
 __all__ = ["build_feature_cache", "build_for_config", "parse_part", "SIDECAR_SUFFIX"]
 
@@ -229,20 +228,6 @@ def _build_shard(path: str, out_path: pathlib.Path, ext: _Extractors, grid: Cach
 # ------------------------------------------------------------------ sidecars, manifest
 
 
-def _write_atomic(path: pathlib.Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _write_json(path: pathlib.Path, obj: Any) -> None:
-    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1, default=str)))
-
-
 def _read_sidecar(path: pathlib.Path) -> Optional[dict]:
     try:
         return json.loads(path.read_text())
@@ -251,17 +236,6 @@ def _read_sidecar(path: pathlib.Path) -> Optional[dict]:
     except (OSError, ValueError) as e:  # a torn or foreign file: built again
         _log.warning("feature cache: unreadable sidecar %s (%s); its shard is built again", path, e)
         return None
-
-
-def _same_source(recorded: dict, path: str) -> bool:
-    """The source shard is the one the sidecar was built from: same size, and the same
-    path and mtime or else the same sha256 (a moved copy)."""
-    st = os.stat(path)
-    if int(st.st_size) != recorded.get("size"):
-        return False
-    if os.path.abspath(path) == recorded.get("path") and int(st.st_mtime_ns) == recorded.get("mtime_ns"):
-        return True
-    return sha256_file(path) == recorded.get("sha256")
 
 
 def _output_intact(path: pathlib.Path, side: dict) -> bool:
@@ -284,7 +258,7 @@ def _finalise(out_dir: pathlib.Path, paths: Sequence[str], names: Sequence[str],
     sides, missing = [], []
     for path, name in zip(paths, names):
         side = _read_sidecar(out_dir / (name + SIDECAR_SUFFIX))
-        if side is None or side.get("key") != key or not _same_source(side["source"], path) \
+        if side is None or side.get("key") != key or not same_source(side["source"], path) \
                 or not _output_intact(out_dir / name, side):
             missing.append(name)
         sides.append(side)
@@ -302,7 +276,7 @@ def _finalise(out_dir: pathlib.Path, paths: Sequence[str], names: Sequence[str],
                      anchor_sec=np.array([np.nan if a is None else a for a in index["anchor_sec"]], np.float64),
                      **{k: np.array(index[k], np.int64) for k in ("v_len", "a_len", "nv", "na")})
 
-    _write_atomic(out_dir / INDEX, write_index)
+    write_atomic(out_dir / INDEX, write_index)
     manifest = {
         "format_version": FORMAT_VERSION,
         "grid": key["grid"],
@@ -321,7 +295,7 @@ def _finalise(out_dir: pathlib.Path, paths: Sequence[str], names: Sequence[str],
         "build_seconds": sum(s["seconds"] for s in sides),  # summed over shards (and parts)
         "official_deviation": official_deviation(grid, max_off_sec=max_off, grid_size=len(grid.offset_frames)),
     }
-    _write_json(out_dir / MANIFEST, manifest)  # last: its presence makes the folder a cache
+    write_json_atomic(out_dir / MANIFEST, manifest)  # last: its presence makes the folder a cache
     return manifest
 
 
@@ -376,7 +350,7 @@ def build_feature_cache(model, shard_paths, out_dir, *, batch_size: int = 64, dt
     todo = []
     for si in range(index, len(paths), count):
         side = _read_sidecar(out_dir / (names[si] + SIDECAR_SUFFIX))
-        if side is not None and side.get("key") == key and _same_source(side["source"], paths[si]) \
+        if side is not None and side.get("key") == key and same_source(side["source"], paths[si]) \
                 and _output_intact(out_dir / names[si], side):
             continue
         if side is not None and side.get("key") != key and not overwrite:
@@ -394,7 +368,7 @@ def build_feature_cache(model, shard_paths, out_dir, *, batch_size: int = 64, dt
     for n, si in enumerate(todo):
         body = _build_shard(paths[si], out_dir / names[si], ext, grid, img, dtype, decode_threads)
         body.update(key=key, source=shard_record(paths[si]))
-        _write_json(out_dir / (names[si] + SIDECAR_SUFFIX), body)
+        write_json_atomic(out_dir / (names[si] + SIDECAR_SUFFIX), body)
         _log.info("feature cache %s: %s done (%d of %d of this part): %d clips, %d skipped, %.1f s", out_dir,
                   names[si], n + 1, len(todo), len(body["index"]["clip_id"]), len(body["skipped"]), body["seconds"])
     return _finalise(out_dir, paths, names, key, config, grid, max_off)

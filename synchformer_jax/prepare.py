@@ -41,7 +41,6 @@ import pathlib
 import platform
 import shutil
 import sys
-import uuid
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
@@ -418,16 +417,6 @@ def _journal_dir(out_dir: pathlib.Path, split: str) -> pathlib.Path:
     return out_dir / JOURNAL_DIR / split
 
 
-def _write_json_atomic(path: pathlib.Path, obj: Any) -> None:
-    tmp = path.with_name(f"{path.name}{shards.TMP_MARK}{uuid.uuid4().hex[:12]}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=True, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _read_json(path: pathlib.Path) -> Optional[Any]:
     try:
         with open(path, encoding="utf-8") as f:
@@ -472,7 +461,7 @@ def open_split(out_dir: PathLike, plan: Plan, split: str, *, overwrite: bool = F
     for p in jdir.glob(f"*{shards.TMP_MARK}*"):
         p.unlink()
     sp = plan.splits[split]
-    _write_json_atomic(jdir / "plan.json", {"fingerprint": fingerprint, "num_shards": sp.num_shards,
+    shards.write_json_atomic(jdir / "plan.json", {"fingerprint": fingerprint, "num_shards": sp.num_shards,
                                             "num_jobs": len(sp.jobs), "skipped": sp.skipped,
                                             "excluded": sp.excluded})
     done = {}
@@ -504,7 +493,7 @@ def finish_shard(out_dir: PathLike, spec: ShardSpec, results: Iterable[dict]) ->
         info = writer.close()
     entry = {"fingerprint": spec.fingerprint, "index": spec.index, **info,
              "duration_sec": duration, "skipped": skipped}
-    _write_json_atomic(_journal_dir(out_dir, spec.split) / f"shard-{spec.index:05d}.json", entry)
+    shards.write_json_atomic(_journal_dir(out_dir, spec.split) / f"shard-{spec.index:05d}.json", entry)
     return entry
 
 
@@ -550,7 +539,7 @@ def write_manifest(out_dir: PathLike, plan: Plan) -> dict:
             "skipped": sorted(skipped, key=lambda s: (s["source"], s["clip_id"] or "")),
         }
     manifest["splits"] = dict(sorted(splits.items()))
-    _write_json_atomic(path, manifest)
+    shards.write_json_atomic(path, manifest)
     return manifest
 
 

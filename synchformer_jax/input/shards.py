@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import pathlib
 import re
@@ -297,6 +298,28 @@ def sha256_file(path: PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def write_atomic(path: Union[str, os.PathLike], write) -> None:
+    """`write(tmp)` to a temporary file beside `path` (named with TMP_MARK, so that no shard
+    listing takes it), fsynced, then renamed over `path`: readers see the old file or the
+    new one, never a torn one."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(f"{path.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json_atomic(path: Union[str, os.PathLike], obj) -> None:
+    """`obj` as indented JSON (non-JSON values as `str`), written by `write_atomic`."""
+    text = json.dumps(obj, indent=1, ensure_ascii=True, default=str) + "\n"
+    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _fsync_dir(directory: pathlib.Path) -> None:
