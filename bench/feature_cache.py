@@ -18,7 +18,8 @@ Cases:
   (D = 768, 30 video x 8 tokens + 233 audio x 6 tokens per 10-s clip: the grid of
   `feature_cache.grid_for(14)`), and the AudioSet-scale total (2 M clips).
 
-* rows/s of the cached training iterator over full-size entries (`--reads CLIPS`).
+* rows/s of the cached training iterator over full-size entries (`--reads CLIPS`): the
+  window's records vs the clip's whole entry, uncompressed vs zstd-1 shards.
 
     python bench/feature_cache.py [--steps 5] [--clips 4] [--full] [--reads 400]
 """
@@ -140,52 +141,89 @@ def build_times(config, n_clips: int, decode_threads=(0, 2)) -> dict:
     return out
 
 
-def iterator_reads(n_clips: int, batch: int, seconds: float = 5.0) -> dict:
-    """Rows/s of the cached training iterator over full-size 10-s entries (D = 768,
-    float16: ~2.5 MB per clip read for ~0.33 MB of gathered window), clips read per batch
-    (memory_clips=0: every row a read, from the page cache here) and from memory."""
+def _write_full_size_cache(root: pathlib.Path, n_clips: int, options: str) -> pathlib.Path:
+    """A cache of `n_clips` full-size 10-s entries (D = 768, float16) in the current record
+    format, its shard written with ArrayRecord `options`."""
     from synchformer_jax.input import shards as shard_lib  # noqa: PLC0415
 
     grid = feature_cache.grid_for(14)
     nv, na = grid.num_video_entries(250), grid.num_audio_entries(160000)
     rng = np.random.default_rng(0)
+    v = rng.standard_normal((nv, 8, 768)).astype(np.float16)
+    a = rng.standard_normal((na, 6, 768)).astype(np.float16)
+    root.mkdir(parents=True)
+    name = shard_lib.shard_name("features", "train", "array_record", 0, 1)
+    with shard_lib.ShardWriter(root / name, "array_record", options) as w:
+        for i in range(n_clips):
+            for part in feature_cache.encode_clip(f"c{i}", v, a, 250, 160000, feature_cache.audio_phases(grid)):
+                w.write(part)
+        shard = w.close()
+    np.savez(root / feature_cache.INDEX, clip_id=np.array([f"c{i}" for i in range(n_clips)]),
+             anchor_sec=np.full(n_clips, np.nan), v_len=np.full(n_clips, 250), a_len=np.full(n_clips, 160000),
+             nv=np.full(n_clips, nv), na=np.full(n_clips, na))
+    (root / feature_cache.MANIFEST).write_text(json.dumps({"format_version": feature_cache.FORMAT_VERSION,
+                                                           "grid": grid.to_dict(), "shards": [shard]}))
+    return root
+
+
+def _whole_clip_batch(it) -> None:
+    """One batch as the one-record-per-clip format read it: every record of each row's clip."""
+    cache = it.cache
+    per = cache.records_per_clip
+    triples = it.draw(it.step)
+    got = cache._records([int(c) * per + k for c in triples[:, 0] for k in range(per)])
+    for c, g, j in triples:
+        vi, ai = cache.grid.window_entries(int(g), int(j))
+        got[int(c) * per][vi]
+        got[int(c) * per + 1 + int(ai[0]) % cache.phases][ai // cache.phases]
+    it.step += 1
+
+
+def _rows_per_s(batch_fn, it, batch: int, seconds: float) -> float:
+    batch_fn(it)  # warm: opens, first reads
+    t0, rows = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        batch_fn(it)
+        rows += batch
+    return rows / (time.perf_counter() - t0)
+
+
+def iterator_reads(n_clips: int, batch: int, seconds: float = 5.0) -> dict:
+    """Rows/s of the cached training iterator over full-size 10-s entries, every row read
+    from the shard (memory_clips=0; from the page cache here): the window's records only
+    (the video record and one audio phase, ~0.65 MB) vs the clip's whole entry (2.5 MB,
+    what the one-record-per-clip format read), each with the shard uncompressed (the
+    format's `RECORD_OPTIONS`) and zstd-1 (the clip shards' options), in alternation; and
+    with every clip in memory."""
+    from synchformer_jax.input import shards as shard_lib  # noqa: PLC0415
+
+    cases = [("window records", lambda it: next(it)), ("whole clips", _whole_clip_batch)]
+    options = {"uncompressed": feature_cache.RECORD_OPTIONS, "zstd-1": shard_lib.ARRAY_RECORD_OPTIONS}
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = pathlib.Path(tmp)
-        name = shard_lib.shard_name("features", "train", "array_record", 0, 1)
-        v = rng.standard_normal((nv, 8, 768)).astype(np.float16)
-        a = rng.standard_normal((na, 6, 768)).astype(np.float16)
-        with shard_lib.ShardWriter(tmp / name, "array_record") as w:
-            for i in range(n_clips):
-                w.write(feature_cache.encode_entry(f"c{i}", v, a, 250, 160000))
-            shard = w.close()
-        np.savez(tmp / feature_cache.INDEX, clip_id=np.array([f"c{i}" for i in range(n_clips)]),
-                 anchor_sec=np.full(n_clips, np.nan), v_len=np.full(n_clips, 250), a_len=np.full(n_clips, 160000),
-                 nv=np.full(n_clips, nv), na=np.full(n_clips, na))
-        (tmp / feature_cache.MANIFEST).write_text(json.dumps({"grid": grid.to_dict(), "shards": [shard]}))
-        for memory in (0, n_clips):
-            it = feature_cache.CacheTrainIterator(tmp, batch_size=batch, seed=0, memory_clips=memory)
-            next(it)
-            t0, rows = time.perf_counter(), 0
-            while time.perf_counter() - t0 < seconds:
-                next(it)
-                rows += batch
-            rate = rows / (time.perf_counter() - t0)
-            out["read" if memory == 0 else "memory"] = rate
-            print(f"  cached iterator, full-size entries, {'read per batch' if memory == 0 else 'in memory'}: "
-                  f"{rate:,.0f} rows/s", flush=True)
-        src = feature_cache.FeatureCache(tmp, memory_clips=0)._src
-        idx = rng.integers(0, n_clips, 512).tolist()
+        dirs = {k: _write_full_size_cache(pathlib.Path(tmp) / k, n_clips, o) for k, o in options.items()}
+        for comp, root in dirs.items():
+            out[f"bytes_per_clip {comp}"] = os.path.getsize(next(root.glob("features-*"))) / n_clips
+        for rep in range(2):  # alternated, so a neighbour's load spreads over every case
+            for comp, root in dirs.items():
+                for what, fn in cases:
+                    it = feature_cache.CacheTrainIterator(root, batch_size=batch, seed=rep, memory_clips=0)
+                    rate = _rows_per_s(fn, it, batch, seconds)
+                    out.setdefault(f"{what}, {comp}", []).append(rate)
+                    print(f"  {what}, {comp}: {rate:,.0f} rows/s", flush=True)
+        it = feature_cache.CacheTrainIterator(dirs["uncompressed"], batch_size=batch, seed=0, memory_clips=n_clips)
+        out["in memory"] = [_rows_per_s(lambda i: next(i), it, batch, seconds)]
+        print(f"  every clip in memory: {out['in memory'][0]:,.0f} rows/s", flush=True)
+        src = feature_cache.FeatureCache(dirs["uncompressed"], memory_clips=0)._src
+        idx = np.random.default_rng(0).integers(0, len(src), 1024).tolist()
         t0 = time.perf_counter()
         for i in idx:
             src[i]
         one = time.perf_counter() - t0
         t0 = time.perf_counter()
         src.get_many(idx)
-        many = time.perf_counter() - t0
-        out["get_many_speedup"] = one / many
-        out["bytes_per_clip"] = shard["bytes"] / n_clips
-        print(f"  512 reads one by one {one:.2f} s, in one get_many {many:.2f} s ({one / many:.1f}x)", flush=True)
+        out["get_many_speedup"] = one / (time.perf_counter() - t0)
+        print(f"  1024 uncompressed records one by one vs one get_many: {out['get_many_speedup']:.1f}x", flush=True)
     return out
 
 
@@ -243,10 +281,13 @@ def main(argv=None):
     print(f"| bytes per 10-s clip, full size (D=768, float16) | {full['bytes'] / 1e6:.2f} MB |")
     print(f"| AudioSet scale (2 M clips), full size float16 | {full['audioset_tb']:.2f} TB |")
     if reads:
-        print(f"| cached iterator, full-size entries, batch 256, clips read per batch | {reads['read']:,.0f} rows/s |")
-        print(f"| cached iterator, full-size entries, batch 256, clips in memory | {reads['memory']:,.0f} rows/s |")
-        print(f"| a batch's reads in one parallel read vs one by one | {reads['get_many_speedup']:.1f}x |")
-
+        for comp in ("uncompressed", "zstd-1"):
+            print(f"| cache shard bytes per full-size clip, {comp} | {reads[f'bytes_per_clip {comp}'] / 1e6:.2f} MB |")
+        for key, rates in reads.items():
+            if isinstance(rates, list):
+                print(f"| cached iterator, full-size entries, batch 256, {key} | "
+                      f"{' / '.join(f'{r:,.0f}' for r in rates)} rows/s |")
+        print(f"| uncompressed records: one parallel read (get_many) vs one by one | {reads['get_many_speedup']:.1f}x |")
 
 if __name__ == "__main__":
     main()

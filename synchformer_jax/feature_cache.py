@@ -46,12 +46,15 @@ Window curriculum (`CacheTrainIterator(window_curriculum=...)`, synthetic demo o
 phases that draw only windows whose video segments are centred near the clip's single
 event (its `anchor_sec`), widening phase by phase, before the uniform draw.
 
-Storage: ArrayRecord shards of per-clip records (`vfeat [Nv, 8, D]`, `afeat [Na, 6, D]`,
-clip id, counts) + `index.npz` (per-clip lengths / counts and `anchor_sec`, in record
-order; caches from before `anchor_sec` load with NaN anchors) +
-`manifest.json` (grid, crop, storage dtype, model config (its `dtype`: the compute dtype
-of the features), sha256 of the extractor params, source shards with their size, mtime
-and sha256, bytes per clip, skipped records).
+Storage: uncompressed ArrayRecord shards, `1 + P` records per clip in clip order
+(`encode_clip`; `P = audio_entry_stride = 8`): the video entries `vfeat [Nv, 8, D]` (with
+the clip id and counts), then the audio entries of each phase, `afeat[r::P] [~Na/P, 6, D]`.
+A window's audio entries are `P` apart, so a training row reads the video record and one
+audio record: ~0.65 MB of a 10-s clip's 2.5 MB at full size. + `index.npz` (per-clip
+lengths / counts and `anchor_sec`, in clip order; caches from before `anchor_sec` load
+with NaN anchors) + `manifest.json` (format version, grid, crop, storage dtype, model
+config (its `dtype`: the compute dtype of the features), sha256 of the extractor params,
+source shards with their size, mtime and sha256, bytes per clip, skipped records).
 
 Fit (`train_iterator`, `check_model_fit`): the model's segment grid and classes
 (`model.n_segments`, `model.video.num_frames`, `model.sync.num_offset_classes`,
@@ -83,7 +86,7 @@ import numpy as np
 from synchformer_jax.input import transforms
 from synchformer_jax.input.shards import sha256_file
 
-__all__ = ["CacheGrid", "grid_for", "official_deviation", "encode_entry", "decode_entry",
+__all__ = ["CacheGrid", "grid_for", "official_deviation", "audio_phases", "encode_clip", "decode_part",
            "FeatureCache", "CacheTrainIterator", "train_iterator",
            "extractor_params_sha256", "shard_record", "same_source", "verify_for_training", "CacheMismatchError",
            "check_model_fit", "built_compute_dtype",
@@ -95,7 +98,13 @@ MANIFEST = "manifest.json"
 INDEX = "index.npz"
 _MAGIC = b"SFJC"
 _PREFIX = struct.Struct("<4sI")
-FORMAT_VERSION = 1
+# 2: a clip is 1 + `audio_phases` records (video, then the audio of each phase), stored
+# uncompressed; 1 (one zstd record per clip) read 4x the bytes a window needs and spent
+# most of its read time decompressing what zstd shrank by ~8 %.
+FORMAT_VERSION = 2
+# One record per chunk (random access to each), no compression: float16 features barely
+# compress and reading them uncompressed is a page-cache copy.
+RECORD_OPTIONS = "group_size:1,uncompressed"
 
 
 # ------------------------------------------------------------------------------ the grid
@@ -242,27 +251,35 @@ def official_deviation(grid: CacheGrid, max_len_sec: float = 60.0, max_off_sec: 
 # --------------------------------------------------------------------------- records
 
 
-def encode_entry(clip_id: str, vfeat: np.ndarray, afeat: np.ndarray, v_len: int, a_len: int) -> bytes:
-    vfeat, afeat = np.ascontiguousarray(vfeat), np.ascontiguousarray(afeat)
-    head = {"clip_id": clip_id, "v_len": int(v_len), "a_len": int(a_len), "nv": int(vfeat.shape[0]),
-            "na": int(afeat.shape[0]), "dtype": vfeat.dtype.str, "vshape": list(vfeat.shape),
-            "ashape": list(afeat.shape)}
-    h = json.dumps(head, separators=(",", ":")).encode()
-    return b"".join([_PREFIX.pack(_MAGIC, len(h)), h, vfeat.tobytes(), afeat.tobytes()])
+def audio_phases(grid: CacheGrid) -> int:
+    """Audio records per clip: a window's audio entries are `audio_entry_stride` apart, so
+    each window reads entries of one residue (phase) modulo the stride only."""
+    return grid.audio_entry_stride
 
 
-def decode_entry(data: bytes) -> Dict[str, Any]:
+def encode_clip(clip_id: str, vfeat: np.ndarray, afeat: np.ndarray, v_len: int, a_len: int,
+                phases: int) -> List[bytes]:
+    """One clip's records: the video entries, then the audio entries of each phase
+    `r < phases` (`afeat[r::phases]`). Each is a self-describing header + array bytes."""
+    def record(part: dict, array: np.ndarray) -> bytes:
+        array = np.ascontiguousarray(array)
+        head = dict(part, clip_id=clip_id, dtype=array.dtype.str, shape=list(array.shape))
+        h = json.dumps(head, separators=(",", ":")).encode()
+        return b"".join([_PREFIX.pack(_MAGIC, len(h)), h, array.tobytes()])
+
+    video = record({"part": 0, "v_len": int(v_len), "a_len": int(a_len), "nv": int(vfeat.shape[0]),
+                    "na": int(afeat.shape[0])}, vfeat)
+    return [video] + [record({"part": 1 + r}, afeat[r::phases]) for r in range(phases)]
+
+
+def decode_part(data: bytes) -> Tuple[dict, np.ndarray]:
+    """One record of `encode_clip` -> (header, array view of the record's bytes)."""
     view = memoryview(data)
     magic, n = _PREFIX.unpack_from(view)
     if magic != _MAGIC:
         raise ValueError(f"not a feature-cache record (magic {bytes(magic)!r})")
     head = json.loads(bytes(view[_PREFIX.size:_PREFIX.size + n]))
-    dt = np.dtype(head["dtype"])
-    pos = _PREFIX.size + n
-    vsize = int(np.prod(head["vshape"])) * dt.itemsize
-    v = np.frombuffer(view[pos:pos + vsize], dt).reshape(head["vshape"])
-    a = np.frombuffer(view[pos + vsize:], dt).reshape(head["ashape"])
-    return dict(head, vfeat=v, afeat=a)
+    return head, np.frombuffer(view[_PREFIX.size + n:], np.dtype(head["dtype"])).reshape(head["shape"])
 
 
 # ----------------------------------------------------------------------------- build
@@ -421,7 +438,8 @@ def verify_for_training(cache_dir, params, source_shards: Sequence[str], *, acce
 
 
 class FeatureCache:
-    """Random access to a built cache: `len`, `cache[i]` (decoded entry), the index."""
+    """Random access to a built cache: `len` (clips), `cache[i]` (a clip's whole entry),
+    `windows(triples)` (training rows, reading only the records they need), the index."""
 
     def __init__(self, cache_dir, memory_clips: int = 256):
         from synchformer_jax.input.sources import ArrayRecordSource
@@ -434,52 +452,118 @@ class FeatureCache:
                    if built else "no such folder" if not self.dir.is_dir() else f"no {MANIFEST} (not a feature cache)")
             raise CacheMismatchError(f"feature cache {self.dir}: {why}")
         self.manifest = json.loads((self.dir / MANIFEST).read_text())
+        version = self.manifest.get("format_version", 1)
+        if version != FORMAT_VERSION:
+            raise CacheMismatchError(
+                f"feature cache {self.dir}: record format {version}, this synchformer-jax reads format "
+                f"{FORMAT_VERSION} (a clip split into video and audio-phase records): build it again with "
+                "synchformer-jax cache --overwrite")
         g = dict(self.manifest["grid"])
         g["offset_frames"] = tuple(g["offset_frames"])
         self.grid = CacheGrid(**g)
+        self.phases = audio_phases(self.grid)
+        self.records_per_clip = 1 + self.phases
         with np.load(self.dir / INDEX) as z:
             self.index = {k: z[k] for k in z.files}
         # Caches built before the anchors were stored: no clip has one.
         self.index.setdefault("anchor_sec", np.full(len(self.index["nv"]), np.nan))
         self._src = ArrayRecordSource([str(self.dir / s["file"]) for s in self.manifest["shards"]])
-        if len(self._src) != len(self.index["nv"]):
-            raise CacheMismatchError(
-                f"feature cache {self.dir}: its shards hold {len(self._src)} records but its index lists "
-                f"{len(self.index['nv'])} clips (a shard damaged or replaced; the warnings above name any that "
-                "cannot be opened): run synchformer-jax cache again, which builds again every shard whose "
-                "size differs from its sidecar's")
-        self._memory: "OrderedDict[int, dict]" = OrderedDict()
-        self._memory_clips = int(memory_clips)
+        self._check_counts()
+        self._memory: "OrderedDict[int, np.ndarray]" = OrderedDict()  # record number -> array
+        self._memory_records = int(memory_clips) * self.records_per_clip
         self._pairs: Dict[Tuple[int, int, int, int], np.ndarray] = {}
 
+    def _check_counts(self) -> None:
+        """Every shard holds the records its build wrote, and they are the index's clips."""
+        fix = ("run synchformer-jax cache again: it builds again every shard whose size differs from its "
+               "sidecar's")
+        for shard, have in zip(self.manifest["shards"], self._src.shard_lengths()):
+            if have != shard["num_records"]:
+                why = "cannot be opened" if have is None else f"holds {have} records"
+                raise CacheMismatchError(f"feature cache {self.dir}: shard {shard['file']} {why}, its build wrote "
+                                         f"{shard['num_records']} (damaged or replaced): {fix}")
+        n_clips = len(self.index["nv"])
+        if len(self._src) != n_clips * self.records_per_clip:
+            raise CacheMismatchError(
+                f"feature cache {self.dir}: its shards hold {len(self._src)} records but its index lists "
+                f"{n_clips} clips of {self.records_per_clip} records each (index and shards of different "
+                f"builds): {fix}")
+
     def __len__(self) -> int:
-        return len(self._src)
+        return len(self.index["nv"])
 
     def __getitem__(self, i: int) -> dict:
         return self.entries([i])[int(i)]
 
-    def entries(self, clips: Sequence[int]) -> Dict[int, dict]:
-        """Decoded entries of `clips`: those in memory, the rest in one parallel read."""
+    def _read(self, numbers: Sequence[int]) -> list:
+        """Records `numbers` as bytes (or `Broken`), one by one: for these uncompressed
+        records that is 2-3x the rate of array_record's parallel read (its thread pool costs
+        more than the page-cache copy it spreads; bench/feature_cache.py --reads)."""
+        return [self._src[n] for n in numbers]
+
+    def _records(self, numbers: Sequence[int]) -> Dict[int, np.ndarray]:
+        """Arrays of records `numbers` (clip * records_per_clip + part): those in memory,
+        the rest read. Each record's clip id is checked against the index."""
         from synchformer_jax.input.sources import Broken
 
         out, missing = {}, []
-        for i in dict.fromkeys(int(c) for c in clips):
-            if i in self._memory:
-                self._memory.move_to_end(i)
-                out[i] = self._memory[i]
+        for n in dict.fromkeys(int(x) for x in numbers):
+            if n in self._memory:
+                self._memory.move_to_end(n)
+                out[n] = self._memory[n]
             else:
-                missing.append(i)
-        for i, data in zip(missing, self._src.get_many(missing)):
+                missing.append(n)
+        for n, data in zip(missing, self._read(missing)):
+            clip, part = divmod(n, self.records_per_clip)
             if isinstance(data, Broken):
-                raise CacheMismatchError(f"feature cache {self.dir}: clip {i} ({data.where}) cannot be read: "
+                raise CacheMismatchError(f"feature cache {self.dir}: clip {clip} ({data.where}) cannot be read: "
                                          f"{data.error}. Rebuild its shard: delete that shard's .json sidecar "
                                          "and run synchformer-jax cache again")
-            out[i] = decode_entry(data)
-            if self._memory_clips > 0:
-                self._memory[i] = out[i]
-                if len(self._memory) > self._memory_clips:
+            head, out[n] = decode_part(data)
+            if head["part"] != part or head["clip_id"] != str(self.index["clip_id"][clip]):
+                raise CacheMismatchError(
+                    f"feature cache {self.dir}: record {n} holds part {head['part']} of clip {head['clip_id']!r}, "
+                    f"the index expects part {part} of {str(self.index['clip_id'][clip])!r} (shards and index of "
+                    "different builds): build it again with synchformer-jax cache --overwrite")
+            if self._memory_records > 0:
+                self._memory[n] = out[n]
+                if len(self._memory) > self._memory_records:
                     self._memory.popitem(last=False)
         return out
+
+    def entries(self, clips: Sequence[int]) -> Dict[int, dict]:
+        """Whole entries of `clips` (`vfeat [Nv, 8, D]`, `afeat [Na, 6, D]`, the index row)."""
+        clips = list(dict.fromkeys(int(c) for c in clips))
+        per = self.records_per_clip
+        got = self._records([c * per + k for c in clips for k in range(per)])
+        out = {}
+        for c in clips:
+            vfeat = got[c * per]
+            na = int(self.index["na"][c])
+            afeat = np.empty((na,) + got[c * per + 1].shape[1:], got[c * per + 1].dtype)
+            for r in range(self.phases):
+                afeat[r::self.phases] = got[c * per + 1 + r]
+            out[c] = dict({k: self.index[k][c].item() for k in self.index}, vfeat=vfeat, afeat=afeat)
+        return out
+
+    def windows(self, triples: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """`vfeat [B, S, 8, D]`, `afeat [B, S, 6, D]` of the windows `triples [B, 3]`
+        (clip, g, j), gathered straight into the batch from the video record and the one
+        audio-phase record of each row (read once per batch however many rows use them)."""
+        per, p = self.records_per_clip, self.phases
+        where = []
+        for c, g, j in np.asarray(triples, np.int64).reshape(-1, 3):
+            vi, ai = self.grid.window_entries(int(g), int(j))
+            where.append((int(c) * per, vi, int(c) * per + 1 + int(ai[0]) % p, ai // p))
+        got = self._records([n for v, _, a, _ in where for n in (v, a)])
+        v0, a0 = got[where[0][0]], got[where[0][2]]
+        s = self.grid.n_segments
+        vfeat = np.empty((len(where), s) + v0.shape[1:], v0.dtype)
+        afeat = np.empty((len(where), s) + a0.shape[1:], a0.dtype)
+        for r, (vn, vi, an, ai) in enumerate(where):
+            np.take(got[vn], vi, axis=0, out=vfeat[r])
+            np.take(got[an], ai, axis=0, out=afeat[r])
+        return vfeat, afeat
 
     def valid_pairs(self, clip: int) -> np.ndarray:
         """`CacheGrid.valid_pairs` of one clip, computed once per distinct clip length (an
@@ -501,10 +585,9 @@ class FeatureCache:
         return counts[inverse.reshape(-1)]
 
     def window(self, clip: int, g: int, j: int) -> Tuple[np.ndarray, np.ndarray]:
-        """`vfeat [S, 8, D]`, `afeat [S, 6, D]` of one window (a gather)."""
-        e = self[clip]
-        vi, ai = self.grid.window_entries(g, j)
-        return e["vfeat"][vi], e["afeat"][ai]
+        """`vfeat [S, 8, D]`, `afeat [S, 6, D]` of one window."""
+        v, a = self.windows(np.array([[clip, g, j]]))
+        return v[0], a[0]
 
 
 def _curriculum(phases) -> Tuple[Tuple[int, float], ...]:
@@ -649,16 +732,7 @@ class CacheTrainIterator:
 
     def __next__(self) -> Dict[str, np.ndarray]:
         triples = self.draw(self.step)
-        read = self.cache.entries(triples[:, 0])  # the batch's clips in one parallel read
-        first = read[int(triples[0, 0])]
-        s = self.cache.grid.n_segments
-        vfeat = np.empty((len(triples), s) + first["vfeat"].shape[1:], first["vfeat"].dtype)
-        afeat = np.empty((len(triples), s) + first["afeat"].shape[1:], first["afeat"].dtype)
-        for r, (c, g, j) in enumerate(triples):  # gathered straight into the batch: one copy
-            e = read[int(c)]
-            vi, ai = self.cache.grid.window_entries(int(g), int(j))
-            np.take(e["vfeat"], vi, axis=0, out=vfeat[r])
-            np.take(e["afeat"], ai, axis=0, out=afeat[r])
+        vfeat, afeat = self.cache.windows(triples)
         self.step += 1
         return {"vfeat": vfeat, "afeat": afeat, "offset_target": triples[:, 2].astype(np.int32)}
 

@@ -7,7 +7,7 @@ one build is hours of accelerator time, so:
 
 * **Resumable.** Each finished output shard gets a sidecar (`<shard>.json`: its index
   rows, skipped clips, the source shard's size / mtime / sha256 and the build key: the
-  extractors' sha256, grid, crop, storage and compute dtypes). A rerun skips every shard
+  record format, extractors' sha256, grid, crop, storage and compute dtypes). A rerun skips every shard
   whose sidecar has the same key and an unchanged source, and rebuilds the rest; an
   interrupted shard (no sidecar) is written again.
 * **In parts.** `part=(i, n)` builds the source shards `si` with `si % n == i`, so `n`
@@ -41,9 +41,9 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from synchformer_jax import records
-from synchformer_jax.feature_cache import (INDEX, MANIFEST, CacheGrid, CacheMismatchError, FORMAT_VERSION,
-                                           encode_entry, extractor_params_sha256, grid_for, official_deviation,
-                                           same_source, shard_record)
+from synchformer_jax.feature_cache import (FORMAT_VERSION, INDEX, MANIFEST, RECORD_OPTIONS, CacheGrid,
+                                           CacheMismatchError, audio_phases, encode_clip, extractor_params_sha256,
+                                           grid_for, official_deviation, same_source, shard_record)
 from synchformer_jax.input import transforms
 from synchformer_jax.input.shards import write_atomic, write_json_atomic
 
@@ -199,7 +199,7 @@ def _build_shard(path: str, out_path: pathlib.Path, ext: _Extractors, grid: Cach
     index: Dict[str, list] = {"clip_id": [], "v_len": [], "a_len": [], "nv": [], "na": [], "anchor_sec": []}
     skipped: List[str] = []
     n_bytes = 0
-    with shard_lib.ShardWriter(out_path, "array_record") as writer:
+    with shard_lib.ShardWriter(out_path, "array_record", RECORD_OPTIONS) as writer:
         for i, clip, got in _decode_ahead(src, grid, img, decode_threads):
             try:
                 if isinstance(got, Exception):
@@ -211,9 +211,9 @@ def _build_shard(path: str, out_path: pathlib.Path, ext: _Extractors, grid: Cach
                 _log.warning("feature cache: skipping %s", msg)
                 skipped.append(msg)
                 continue
-            payload = encode_entry(rec.clip_id, vfeat, afeat, v_len, a_len)
-            n_bytes += len(payload)
-            writer.write(payload)
+            for payload in encode_clip(rec.clip_id, vfeat, afeat, v_len, a_len, audio_phases(grid)):
+                n_bytes += len(payload)
+                writer.write(payload)
             for k, v in (("clip_id", rec.clip_id), ("v_len", int(v_len)), ("a_len", int(a_len)),
                          ("nv", int(vfeat.shape[0])), ("na", int(afeat.shape[0])),
                          ("anchor_sec", _anchor_sec(rec.labels))):
@@ -344,7 +344,8 @@ def build_feature_cache(model, shard_paths, out_dir, *, batch_size: int = 64, dt
     names = [shard_lib.shard_name(OUTPUT_NAME, "train", "array_record", si, len(paths)) for si in range(len(paths))]
     # What a shard was built with; JSON-normalised so that a sidecar's copy compares equal.
     key = json.loads(json.dumps({
-        "extractor_params_sha256": extractor_params_sha256(params), "grid": grid.to_dict(),
+        "format_version": FORMAT_VERSION, "extractor_params_sha256": extractor_params_sha256(params),
+        "grid": grid.to_dict(),
         "crop": {"kind": "centre", "size": img, "flip": False}, "dtype": dtype.name,
         "compute_dtype": str(config.dtype), "num_source_shards": len(paths)}))
     todo = []

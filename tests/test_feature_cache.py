@@ -192,6 +192,70 @@ def test_iterator_restores_and_splits(model14):
     assert len(set(tri[:, 0])) == 3 and len(set(tri[:, 2])) > 10
 
 
+def test_rows_read_only_their_records_and_equal_the_whole_entries(model14):
+    _, _, out, _ = model14
+    cache = fc.FeatureCache(out, memory_clips=0)
+    assert cache.records_per_clip == 9 and len(cache._src) == 9 * len(cache)
+    requested = []
+    read = cache._read
+    cache._read = lambda numbers: requested.append(list(numbers)) or read(numbers)
+    triples = fc.CacheTrainIterator(cache, batch_size=24, seed=4).draw(0)
+    vfeat, afeat = cache.windows(triples)
+    # Each row's video record and its one audio-phase record, each read once per batch.
+    assert len(requested) == 1 and len(requested[0]) <= 2 * len(triples)
+    assert {n % 9 for n in requested[0]} - {0} and len({n % 9 for n in requested[0]}) > 2
+    whole = cache.entries(triples[:, 0])
+    for r, (c, g, j) in enumerate(triples):
+        vi, ai = cache.grid.window_entries(int(g), int(j))
+        e = whole[int(c)]
+        assert e["afeat"].shape[0] == cache.index["na"][c] and e["vfeat"].shape[0] == cache.index["nv"][c]
+        np.testing.assert_array_equal(vfeat[r], e["vfeat"][vi])
+        np.testing.assert_array_equal(afeat[r], e["afeat"][ai])
+    # The audio phases interleave back into consecutive entries: neighbours differ.
+    assert np.abs(np.diff(whole[int(triples[0, 0])]["afeat"].astype(np.float64), axis=0)).min(axis=(1, 2)).min() > 0
+
+
+def test_damaged_or_mismatched_caches_are_refused_in_one_line(model14, tmp_path):
+    _, _, out, manifest = model14
+    # A record damaged inside a shard that still opens: its clip's first read says which and what to do.
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    shard = bad / manifest["shards"][0]["file"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3:len(data) // 3 + 64] = bytes(64)
+    shard.write_bytes(bytes(data))
+    cache = fc.FeatureCache(bad, memory_clips=0)
+    read = [c for c in range(len(cache)) if not _raises(cache.entries, [c])]
+    assert len(read) < len(cache)
+    with pytest.raises(fc.CacheMismatchError, match=r"clip \d \(.*features-train.*\) cannot be read: .*Rebuild its"):
+        cache.entries(range(len(cache)))
+    # Shards and an index of different builds.
+    mixed = tmp_path / "mixed"
+    shutil.copytree(out, mixed)
+    with np.load(mixed / fc.INDEX) as z:
+        index = {k: z[k] for k in z.files}
+    index["clip_id"] = index["clip_id"][::-1]
+    np.savez(mixed / fc.INDEX, **index)
+    with pytest.raises(fc.CacheMismatchError, match=r"record 0 holds part 0 of clip .*the index expects part 0 of"):
+        fc.FeatureCache(mixed).entries([0])
+    # A cache of the earlier one-record-per-clip format.
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    m = json.loads((old / fc.MANIFEST).read_text())
+    m["format_version"] = 1
+    (old / fc.MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(fc.CacheMismatchError, match=r"record format 1, this synchformer-jax reads format 2 .*--overwrite"):
+        fc.FeatureCache(old)
+
+
+def _raises(fn, *args) -> bool:
+    try:
+        fn(*args)
+    except fc.CacheMismatchError:
+        return True
+    return False
+
+
 def test_train_and_evaluate_with_feature_cache(data, model14, tmp_path):
     """Stage II from the cache, its extractors initialised from the model the cache was
     built from (`init_from`), evaluated on the raw clips."""

@@ -214,10 +214,10 @@ class _TFRecordWriter:
 
 
 class _ArrayRecordWriter:
-    def __init__(self, path: str):
+    def __init__(self, path: str, options: str = ARRAY_RECORD_OPTIONS):
         from array_record.python.array_record_module import ArrayRecordWriter
 
-        self._w = ArrayRecordWriter(path, ARRAY_RECORD_OPTIONS)
+        self._w = ArrayRecordWriter(path, options)
         self._path = path
 
     def write(self, data: bytes) -> None:
@@ -241,16 +241,17 @@ class ShardWriter:
     name, so "the shard file exists" means "the shard is complete". The random suffix
     keeps two attempts at the same shard (a Beam retry running beside a straggler)
     from writing into one file. Also computes the sha256 and record count reported in
-    the manifest.
+    the manifest. `array_record_options`: the writer's options string (ArrayRecord only).
     """
 
-    def __init__(self, path: PathLike, fmt: str):
+    def __init__(self, path: PathLike, fmt: str, array_record_options: str = ARRAY_RECORD_OPTIONS):
         _check_format(fmt)
         self.path = pathlib.Path(path)
         self.tmp_path = self.path.with_name(f"{self.path.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
         self.fmt = fmt
         self.num_records = 0
-        self._w = (_ArrayRecordWriter if fmt == "array_record" else _TFRecordWriter)(os.fspath(self.tmp_path))
+        self._w = (_ArrayRecordWriter(os.fspath(self.tmp_path), array_record_options) if fmt == "array_record"
+                   else _TFRecordWriter(os.fspath(self.tmp_path)))
         self._closed = False
 
     def write(self, data: bytes) -> None:

@@ -149,6 +149,10 @@ class ArrayRecordSource:
     def paths(self) -> List[str]:
         return list(self._paths)
 
+    def shard_lengths(self) -> List[Optional[int]]:
+        """Records per shard, None for a shard that cannot be opened."""
+        return [None if k in self._damaged else int(n) for k, n in enumerate(np.diff(self._starts))]
+
     def __len__(self) -> int:
         return int(self._starts[-1])
 
@@ -369,6 +373,10 @@ class TFRecordIndexedSource:
     @property
     def paths(self) -> List[str]:
         return list(self._paths)
+
+    def shard_lengths(self) -> List[Optional[int]]:
+        """Records per shard, None for a shard that cannot be opened."""
+        return [None if k in self._damaged else int(n) for k, n in enumerate(np.diff(self._starts))]
 
     def __len__(self) -> int:
         return int(self._starts[-1])
