@@ -451,18 +451,8 @@ def evaluate(trainer: Trainer, params: Params, batches: Iterable[dict], max_batc
     skipped_before = skips.count
     offset_counts = np.zeros(2, np.int64)  # this host's scored clips at (fixed, drawn) offsets
     scored_indices = []
-    for i, host_batch in enumerate(batches):
-        if max_batches and i >= max_batches:
-            break
-        skips.update(host_batch)
-        host_mask = np.asarray(host_batch["mask"], bool)
-        offsets = np.asarray(host_batch.get("meta", {}).get("offset", np.full(len(host_mask), "")))[host_mask]
-        offset_counts += [np.sum(offsets == "fixed"), np.sum(offsets == "drawn")]
-        batch = device_lib.host_to_global(host_batch, trainer.mesh, sharding.BATCH_AXES)
-        if offset_model is None:
-            out = trainer.predict_step(params, batch)
-        else:
-            out = offset_model.predict_step(params, offset_model.params, batch)
+
+    def score(out, batch) -> None:
         out = multihost_utils.process_allgather(out, tiled=True)
         mask = np.asarray(multihost_utils.process_allgather(batch["mask"], tiled=True))
         scored_indices.append(np.asarray(multihost_utils.process_allgather(batch["index"], tiled=True))[mask])
@@ -475,6 +465,25 @@ def evaluate(trainer: Trainer, params: Params, batches: Iterable[dict], max_batc
                 offset_target = np.asarray(multihost_utils.process_allgather(batch["offset_target"], tiled=True))
                 combined.update(np.asarray(out["offset_logits"]), offset_target, np.asarray(out["logits"]),
                                 target, mask)
+
+    queued = None  # a batch's outputs are fetched once the next batch is queued behind it
+    for i, host_batch in enumerate(batches):
+        if max_batches and i >= max_batches:
+            break
+        skips.update(host_batch)
+        host_mask = np.asarray(host_batch["mask"], bool)
+        offsets = np.asarray(host_batch.get("meta", {}).get("offset", np.full(len(host_mask), "")))[host_mask]
+        offset_counts += [np.sum(offsets == "fixed"), np.sum(offsets == "drawn")]
+        batch = device_lib.host_to_global(host_batch, trainer.mesh, sharding.BATCH_AXES)
+        if offset_model is None:
+            out = trainer.predict_step(params, batch)
+        else:
+            out = offset_model.predict_step(params, offset_model.params, batch)
+        if queued is not None:
+            score(*queued)
+        queued = (out, batch)
+    if queued is not None:
+        score(*queued)
     result = metrics.result()
     if combined is not None:
         result["offset_at_sync_threshold"] = combined.result()
@@ -636,6 +645,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     step = start
     final: dict = {}
     tick, tick_step = time.perf_counter(), step
+    # The loss of a step is read (a wait for the device) once the next step is queued behind
+    # it, so the host makes batch n + 1 while the device runs step n; a step that is logged,
+    # evaluated or saved is checked first, so no non-finite state is ever logged or saved.
+    unchecked: list = []
+
+    def check_loss() -> None:
+        while unchecked:
+            at, m = unchecked.pop()
+            loss = float(m["loss"])
+            if not np.isfinite(loss):
+                raise NonFiniteLossError(f"loss became {loss} at step {at}; stopping (last checkpoint: "
+                                         f"{ckpts.latest_step()})")
+
     try:
         while step < config.train.num_steps:
             host_batch = next(data_iter)
@@ -645,12 +667,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             if flops_per_step is None:
                 step_fn, flops_per_step = _compile_step(trainer, state, batch, rng)
             state, metrics = step_fn(state, batch, rng)
+            check_loss()  # the step before this one
             step += 1
-            loss = float(metrics["loss"])
-            if not np.isfinite(loss):
-                raise NonFiniteLossError(f"loss became {loss} at step {step}; stopping (last checkpoint: "
-                                         f"{ckpts.latest_step()})")
+            unchecked.append((step, metrics))
             if step % config.train.log_every == 0 or step == config.train.num_steps:
+                check_loss()
                 now = time.perf_counter()
                 record = {"phase": "train", **_scalars(metrics),
                           "steps_per_sec": (step - tick_step) / max(now - tick, 1e-9),
@@ -663,6 +684,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 log.info("step %d: %s", step, {k: round(v, 5) for k, v in record.items() if isinstance(v, float)})
             evaluate_now = step % config.train.eval_every == 0 or step == config.train.num_steps
             if evaluate_now:
+                check_loss()
                 eval_skips = pipeline.SkipReport()
                 try:
                     final = evaluate(trainer, state.params, eval_batches(config, trainer.task, eval_paths),
@@ -684,6 +706,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                                      + ", ".join(sorted(k for k, v in final.items() if isinstance(v, (int, float)))))
             examples += config.data.batch_size
             if step % config.train.checkpoint_every == 0 or step == config.train.num_steps or preemption.requested:
+                check_loss()
                 data_state = resume.RunPosition(data_iter.get_state(), examples, jax.process_count(),
                                                 trainer.mesh.size, trainer.recipe_devices).to_json()
                 ckpts.save(step, state, data_state, config, force=True)
