@@ -170,12 +170,11 @@ def _whole_clip_batch(it) -> None:
     """One batch as the one-record-per-clip format read it: every record of each row's clip."""
     cache = it.cache
     per = cache.records_per_clip
-    triples = it.draw(it.step)
-    got = cache._records([int(c) * per + k for c in triples[:, 0] for k in range(per)])
-    for c, g, j in triples:
+    for c, g, j in it.draw(it.step):
         vi, ai = cache.grid.window_entries(int(g), int(j))
-        got[int(c) * per][vi]
-        got[int(c) * per + 1 + int(ai[0]) % cache.phases][ai // cache.phases]
+        parts = [cache._record(int(c) * per + k) for k in range(per)]
+        parts[0][vi]
+        parts[1 + int(ai[0]) % cache.phases][ai // cache.phases]
     it.step += 1
 
 

@@ -495,74 +495,68 @@ class FeatureCache:
     def __getitem__(self, i: int) -> dict:
         return self.entries([i])[int(i)]
 
-    def _read(self, numbers: Sequence[int]) -> list:
-        """Records `numbers` as bytes (or `Broken`), one by one: for these uncompressed
-        records that is 2-3x the rate of array_record's parallel read (its thread pool costs
-        more than the page-cache copy it spreads; bench/feature_cache.py --reads)."""
-        return [self._src[n] for n in numbers]
+    def _read(self, n: int):
+        """Record `n` as bytes (or `Broken`). One by one: for these uncompressed records
+        that is 2-3x the rate of array_record's parallel read (its thread pool costs more
+        than the page-cache copy it spreads; bench/feature_cache.py --reads)."""
+        return self._src[n]
 
-    def _records(self, numbers: Sequence[int]) -> Dict[int, np.ndarray]:
-        """Arrays of records `numbers` (clip * records_per_clip + part): those in memory,
-        the rest read. Each record's clip id is checked against the index."""
+    def _record(self, n: int) -> np.ndarray:
+        """The array of record `n` (clip * records_per_clip + part), from memory or read;
+        a read record's clip id is checked against the index."""
         from synchformer_jax.input.sources import Broken
 
-        out, missing = {}, []
-        for n in dict.fromkeys(int(x) for x in numbers):
-            if n in self._memory:
-                self._memory.move_to_end(n)
-                out[n] = self._memory[n]
-            else:
-                missing.append(n)
-        for n, data in zip(missing, self._read(missing)):
-            clip, part = divmod(n, self.records_per_clip)
-            if isinstance(data, Broken):
-                raise CacheMismatchError(f"feature cache {self.dir}: clip {clip} ({data.where}) cannot be read: "
-                                         f"{data.error}. Rebuild its shard: delete that shard's .json sidecar "
-                                         "and run synchformer-jax cache again")
-            head, out[n] = decode_part(data)
-            if head["part"] != part or head["clip_id"] != str(self.index["clip_id"][clip]):
-                raise CacheMismatchError(
-                    f"feature cache {self.dir}: record {n} holds part {head['part']} of clip {head['clip_id']!r}, "
-                    f"the index expects part {part} of {str(self.index['clip_id'][clip])!r} (shards and index of "
-                    "different builds): build it again with synchformer-jax cache --overwrite")
-            if self._memory_records > 0:
-                self._memory[n] = out[n]
-                if len(self._memory) > self._memory_records:
-                    self._memory.popitem(last=False)
-        return out
+        n = int(n)
+        if n in self._memory:
+            self._memory.move_to_end(n)
+            return self._memory[n]
+        data = self._read(n)
+        clip, part = divmod(n, self.records_per_clip)
+        if isinstance(data, Broken):
+            raise CacheMismatchError(f"feature cache {self.dir}: clip {clip} ({data.where}) cannot be read: "
+                                     f"{data.error}. Rebuild its shard: delete that shard's .json sidecar "
+                                     "and run synchformer-jax cache again")
+        head, array = decode_part(data)
+        if head["part"] != part or head["clip_id"] != str(self.index["clip_id"][clip]):
+            raise CacheMismatchError(
+                f"feature cache {self.dir}: record {n} holds part {head['part']} of clip {head['clip_id']!r}, "
+                f"the index expects part {part} of {str(self.index['clip_id'][clip])!r} (shards and index of "
+                "different builds): build it again with synchformer-jax cache --overwrite")
+        if self._memory_records > 0:
+            self._memory[n] = array
+            if len(self._memory) > self._memory_records:
+                self._memory.popitem(last=False)
+        return array
 
     def entries(self, clips: Sequence[int]) -> Dict[int, dict]:
         """Whole entries of `clips` (`vfeat [Nv, 8, D]`, `afeat [Na, 6, D]`, the index row)."""
-        clips = list(dict.fromkeys(int(c) for c in clips))
-        per = self.records_per_clip
-        got = self._records([c * per + k for c in clips for k in range(per)])
         out = {}
-        for c in clips:
-            vfeat = got[c * per]
-            na = int(self.index["na"][c])
-            afeat = np.empty((na,) + got[c * per + 1].shape[1:], got[c * per + 1].dtype)
-            for r in range(self.phases):
-                afeat[r::self.phases] = got[c * per + 1 + r]
+        for c in dict.fromkeys(int(c) for c in clips):
+            base = c * self.records_per_clip
+            vfeat = self._record(base)
+            phases = [self._record(base + 1 + r) for r in range(self.phases)]
+            afeat = np.empty((int(self.index["na"][c]),) + phases[0].shape[1:], phases[0].dtype)
+            for r, part in enumerate(phases):
+                afeat[r::self.phases] = part
             out[c] = dict({k: self.index[k][c].item() for k in self.index}, vfeat=vfeat, afeat=afeat)
         return out
 
     def windows(self, triples: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """`vfeat [B, S, 8, D]`, `afeat [B, S, 6, D]` of the windows `triples [B, 3]`
         (clip, g, j), gathered straight into the batch from the video record and the one
-        audio-phase record of each row (read once per batch however many rows use them)."""
-        per, p = self.records_per_clip, self.phases
-        where = []
-        for c, g, j in np.asarray(triples, np.int64).reshape(-1, 3):
+        audio-phase record of each row. Row by row: holding a whole batch's records at
+        once halves the read rate (fresh memory for every record)."""
+        per, p, s = self.records_per_clip, self.phases, self.grid.n_segments
+        vfeat = afeat = None
+        for r, (c, g, j) in enumerate(np.asarray(triples, np.int64).reshape(-1, 3)):
             vi, ai = self.grid.window_entries(int(g), int(j))
-            where.append((int(c) * per, vi, int(c) * per + 1 + int(ai[0]) % p, ai // p))
-        got = self._records([n for v, _, a, _ in where for n in (v, a)])
-        v0, a0 = got[where[0][0]], got[where[0][2]]
-        s = self.grid.n_segments
-        vfeat = np.empty((len(where), s) + v0.shape[1:], v0.dtype)
-        afeat = np.empty((len(where), s) + a0.shape[1:], a0.dtype)
-        for r, (vn, vi, an, ai) in enumerate(where):
-            np.take(got[vn], vi, axis=0, out=vfeat[r])
-            np.take(got[an], ai, axis=0, out=afeat[r])
+            v = self._record(int(c) * per)
+            a = self._record(int(c) * per + 1 + int(ai[0]) % p)
+            if vfeat is None:
+                vfeat = np.empty((len(triples), s) + v.shape[1:], v.dtype)
+                afeat = np.empty((len(triples), s) + a.shape[1:], a.dtype)
+            np.take(v, vi, axis=0, out=vfeat[r])
+            np.take(a, ai // p, axis=0, out=afeat[r])
         return vfeat, afeat
 
     def valid_pairs(self, clip: int) -> np.ndarray:
