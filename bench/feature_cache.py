@@ -192,11 +192,13 @@ def iterator_reads(n_clips: int, batch: int, seconds: float = 5.0) -> dict:
     from the shard (memory_clips=0; from the page cache here): the window's records only
     (the video record and one audio phase, ~0.65 MB) vs the clip's whole entry (2.5 MB,
     what the one-record-per-clip format read), each with the shard uncompressed (the
-    format's `RECORD_OPTIONS`) and zstd-1 (the clip shards' options), in alternation; and
-    with every clip in memory."""
+    format's `RECORD_OPTIONS`) and zstd-1 (the clip shards' options), in alternation; the
+    window records with one batch-making thread per core (`workers`); and with every clip
+    in memory."""
     from synchformer_jax.input import shards as shard_lib  # noqa: PLC0415
 
-    cases = [("window records", lambda it: next(it)), ("whole clips", _whole_clip_batch)]
+    cases = [("window records", lambda it: next(it), 0), ("whole clips", _whole_clip_batch, 0),
+             (f"window records, {os.cpu_count()} worker threads", lambda it: next(it), os.cpu_count())]
     options = {"uncompressed": feature_cache.RECORD_OPTIONS, "zstd-1": shard_lib.ARRAY_RECORD_OPTIONS}
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -205,9 +207,13 @@ def iterator_reads(n_clips: int, batch: int, seconds: float = 5.0) -> dict:
             out[f"bytes_per_clip {comp}"] = os.path.getsize(next(root.glob("features-*"))) / n_clips
         for rep in range(2):  # alternated, so a neighbour's load spreads over every case
             for comp, root in dirs.items():
-                for what, fn in cases:
-                    it = feature_cache.CacheTrainIterator(root, batch_size=batch, seed=rep, memory_clips=0)
+                for what, fn, workers in cases:
+                    if workers and comp != "uncompressed":
+                        continue
+                    it = feature_cache.CacheTrainIterator(root, batch_size=batch, seed=rep, memory_clips=0,
+                                                          workers=workers)
                     rate = _rows_per_s(fn, it, batch, seconds)
+                    it.close()
                     out.setdefault(f"{what}, {comp}", []).append(rate)
                     print(f"  {what}, {comp}: {rate:,.0f} rows/s", flush=True)
         it = feature_cache.CacheTrainIterator(dirs["uncompressed"], batch_size=batch, seed=0, memory_clips=n_clips)

@@ -76,7 +76,7 @@ def default_config(stage: str = STAGE_SYNC) -> ml_collections.ConfigDict:
     # from a fixed-offset CSV) where a record has them; a record without them gets the
     # seeded draw of the random protocol. The results count both (offsets_fixed / _drawn).
     c.data.fixed_offsets = True
-    c.data.read_threads = 2
+    c.data.read_threads = 2  # decoding threads; with data.feature_cache, batch-making threads
     c.data.num_workers = 0
     c.data.augment = stage == STAGE_AVCLIP  # the official stage-I augmentations
     c.data.max_off_sec = 2.0

@@ -71,6 +71,7 @@ copy passes and a rewritten shard does not.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -78,6 +79,7 @@ import logging
 import os
 import pathlib
 import struct
+import threading
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -470,6 +472,7 @@ class FeatureCache:
         self._src = ArrayRecordSource([str(self.dir / s["file"]) for s in self.manifest["shards"]])
         self._check_counts()
         self._memory: "OrderedDict[int, np.ndarray]" = OrderedDict()  # record number -> array
+        self._memory_lock = threading.Lock()  # the iterator's threads share the cache
         self._memory_records = int(memory_clips) * self.records_per_clip
         self._pairs: Dict[Tuple[int, int, int, int], np.ndarray] = {}
 
@@ -507,9 +510,10 @@ class FeatureCache:
         from synchformer_jax.input.sources import Broken
 
         n = int(n)
-        if n in self._memory:
-            self._memory.move_to_end(n)
-            return self._memory[n]
+        with self._memory_lock:
+            if n in self._memory:
+                self._memory.move_to_end(n)
+                return self._memory[n]
         data = self._read(n)
         clip, part = divmod(n, self.records_per_clip)
         if isinstance(data, Broken):
@@ -523,9 +527,10 @@ class FeatureCache:
                 f"the index expects part {part} of {str(self.index['clip_id'][clip])!r} (shards and index of "
                 "different builds): build it again with synchformer-jax cache --overwrite")
         if self._memory_records > 0:
-            self._memory[n] = array
-            if len(self._memory) > self._memory_records:
-                self._memory.popitem(last=False)
+            with self._memory_lock:
+                self._memory[n] = array
+                if len(self._memory) > self._memory_records:
+                    self._memory.popitem(last=False)
         return array
 
     def entries(self, clips: Sequence[int]) -> Dict[int, dict]:
@@ -632,7 +637,7 @@ class CacheTrainIterator:
     """
 
     def __init__(self, cache: Union[str, os.PathLike, FeatureCache], *, batch_size: int, seed: int,
-                 process_index: int = 0, process_count: int = 1, memory_clips: int = 256,
+                 process_index: int = 0, process_count: int = 1, memory_clips: int = 256, workers: int = 0,
                  window_curriculum: Sequence[Tuple[int, float]] = (), keep_centred: float = 0.0):
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
@@ -656,6 +661,16 @@ class CacheTrainIterator:
         n_keep = int(round(self.keep_centred * n))
         self._keep_rows = (np.arange(n_keep, dtype=np.int64) * n) // max(1, n_keep)
         self.step = 0
+        # Batches of the next `workers` steps are made on threads while step n is consumed
+        # (the record reads and gathers release the GIL: 2 threads make 1.5-1.8x the rows
+        # of one on 2 cores); each is a function of its step, so the order and the resume
+        # state (the steps consumed) do not depend on the threads.
+        self.workers = int(workers)
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers!r}")
+        self._pool = (concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="feature-cache")
+                      if self.workers else None)
+        self._ahead: Dict[int, concurrent.futures.Future] = {}
 
     def _windows_near(self, jitter: float):
         """`(clips, [pairs [m, 2]], counts)`: the anchored clips with valid (g, j) pairs
@@ -724,17 +739,37 @@ class CacheTrainIterator:
     def __iter__(self):
         return self
 
-    def __next__(self) -> Dict[str, np.ndarray]:
-        triples = self.draw(self.step)
+    def batch(self, step: int) -> Dict[str, np.ndarray]:
+        """This host's batch of `step`."""
+        triples = self.draw(step)
         vfeat, afeat = self.cache.windows(triples)
-        self.step += 1
         return {"vfeat": vfeat, "afeat": afeat, "offset_target": triples[:, 2].astype(np.int32)}
+
+    def __next__(self) -> Dict[str, np.ndarray]:
+        if self._pool is None:
+            out = self.batch(self.step)
+        else:
+            for ahead in range(self.step, self.step + self.workers):
+                if ahead not in self._ahead:
+                    self._ahead[ahead] = self._pool.submit(self.batch, ahead)
+            out = self._ahead.pop(self.step).result()
+        self.step += 1
+        return out
 
     def get_state(self) -> dict:
         return {"step": int(self.step)}
 
     def set_state(self, state: dict) -> None:
         self.step = int(state["step"])
+        for future in self._ahead.values():  # batches of steps no longer next
+            future.cancel()
+        self._ahead.clear()
+
+    def close(self) -> None:
+        self.set_state(self.get_state())
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 def built_compute_dtype(manifest: dict) -> Optional[str]:
@@ -792,11 +827,11 @@ def check_model_fit(cache_dir, manifest: dict, grid: CacheGrid, model_config) ->
 
 def train_iterator(cache_dir, model_config, *, batch_size: int, seed: int, process_index: int = 0,
                    process_count: int = 1, window_curriculum: Sequence[Tuple[int, float]] = (),
-                   keep_centred: float = 0.0) -> CacheTrainIterator:
+                   keep_centred: float = 0.0, workers: int = 0) -> CacheTrainIterator:
     """The trainer's cached stage-II iterator; checks the cache fits the model."""
     it = CacheTrainIterator(cache_dir, batch_size=batch_size, seed=seed, process_index=process_index,
                             process_count=process_count, window_curriculum=window_curriculum,
-                            keep_centred=keep_centred)
+                            keep_centred=keep_centred, workers=workers)
     m = it.cache.manifest
     check_model_fit(cache_dir, m, it.cache.grid, model_config)
     if m["crop"]["size"] != model_config.video.img_size:

@@ -328,7 +328,8 @@ def train_iterator(config, task: tasks.Task, paths: list[str], start_example: in
         return feature_cache.train_iterator(cache, task.model_config, batch_size=per_host,
                                             seed=config.seed, process_index=jax.process_index(),
                                             process_count=jax.process_count(), window_curriculum=phases,
-                                            keep_centred=curriculum.get("keep_centred", 0.0))
+                                            keep_centred=curriculum.get("keep_centred", 0.0),
+                                            workers=config.data.read_threads)
     if phases:
         # The anchors the phases centre on exist in feature caches only.
         raise ValueError("data.window_curriculum needs stage-II training from data.feature_cache "

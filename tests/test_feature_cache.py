@@ -184,6 +184,18 @@ def test_iterator_restores_and_splits(model14):
     parts = [next(h) for h in hosts]
     for k in after[0]:
         np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), after[0][k])
+    # Batches made ahead on threads are the plain iterator's, in order, across a restore.
+    threaded = fc.CacheTrainIterator(out, batch_size=4, seed=3, workers=2, memory_clips=1)
+    first = [next(threaded) for _ in range(3)]
+    assert threaded.get_state() == state and len(threaded._ahead) == 1  # step 3 is being made
+    threaded.set_state({"step": 1})
+    rest = [next(threaded) for _ in range(4)]
+    threaded.close()
+    plain = fc.CacheTrainIterator(out, batch_size=4, seed=3)
+    want = [next(plain) for _ in range(3)]
+    for x, y in zip(first + rest, want + want[1:] + after):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
     # Every drawn triple is a valid window; draws cover several clips and classes.
     tri = np.concatenate([it.draw(s) for s in range(50)])
     idx = it.cache.index
@@ -231,6 +243,12 @@ def test_damaged_or_mismatched_caches_are_refused_in_one_line(model14, tmp_path)
     assert len(read) < len(cache)
     with pytest.raises(fc.CacheMismatchError, match=r"clip \d \(.*features-train.*\) cannot be read: .*Rebuild its"):
         cache.entries(range(len(cache)))
+    # Made on a worker thread, the same error reaches the training loop.
+    threaded = fc.CacheTrainIterator(bad, batch_size=16, seed=0, workers=2, memory_clips=0)
+    with pytest.raises(fc.CacheMismatchError, match=r"cannot be read: .*Rebuild its shard"):
+        for _ in range(20):
+            next(threaded)
+    threaded.close()
     # Shards and an index of different builds.
     mixed = tmp_path / "mixed"
     shutil.copytree(out, mixed)
