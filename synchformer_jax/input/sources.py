@@ -374,10 +374,6 @@ class TFRecordIndexedSource:
     def paths(self) -> List[str]:
         return list(self._paths)
 
-    def shard_lengths(self) -> List[Optional[int]]:
-        """Records per shard, None for a shard that cannot be opened."""
-        return [None if k in self._damaged else int(n) for k, n in enumerate(np.diff(self._starts))]
-
     def __len__(self) -> int:
         return int(self._starts[-1])
 
