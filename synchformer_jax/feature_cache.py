@@ -56,6 +56,13 @@ with NaN anchors) + `manifest.json` (format version, grid, crop, storage dtype, 
 config (its `dtype`: the compute dtype of the features), sha256 of the extractor params,
 source shards with their size, mtime and sha256, bytes per clip, skipped records).
 
+Damage: a shard whose record count is not what its build wrote, or records whose headers
+are not the index's clips, stop training at start-up with the shard named and the fix
+(`CacheMismatchError`). A single record that cannot be read is skipped in training: the
+row that drew it is reported like a broken clip (`meta["skipped"]`, `skipped.jsonl`) and
+replaced by a stand-in draw that depends only on the step and the row, so batches do not
+depend on when the damage was found (`CacheTrainIterator.batch`).
+
 Fit (`train_iterator`, `check_model_fit`): the model's segment grid and classes
 (`model.n_segments`, `model.video.num_frames`, `model.sync.num_offset_classes`,
 `model.sync.max_offset_sec`), extractor widths and compute dtype (`train.compute_dtype`)
@@ -91,6 +98,7 @@ from synchformer_jax.input.shards import sha256_file
 __all__ = ["CacheGrid", "grid_for", "official_deviation", "audio_phases", "encode_clip", "decode_part",
            "FeatureCache", "CacheTrainIterator", "train_iterator",
            "extractor_params_sha256", "shard_record", "same_source", "verify_for_training", "CacheMismatchError",
+           "BrokenRecordError",
            "check_model_fit", "built_compute_dtype",
            "MANIFEST", "INDEX"]
 
@@ -107,6 +115,7 @@ FORMAT_VERSION = 2
 # One record per chunk (random access to each), no compression: float16 features barely
 # compress and reading them uncompressed is a page-cache copy.
 RECORD_OPTIONS = "group_size:1,uncompressed"
+_MAX_STAND_INS = 100  # replacements tried for one training row whose record cannot be read
 
 
 # ------------------------------------------------------------------------------ the grid
@@ -313,6 +322,14 @@ class CacheMismatchError(ValueError):
     """The cache was not computed by this run's frozen extractors from its training shards."""
 
 
+class BrokenRecordError(CacheMismatchError):
+    """One record of the cache cannot be read (`record`: its number)."""
+
+    def __init__(self, message: str, record: int):
+        super().__init__(message)
+        self.record = record
+
+
 def shard_record(path) -> Dict[str, Any]:
     """What the manifest keeps of one source shard: absolute path, size, mtime, sha256.
     The hash is one more sequential read of a shard the build decodes whole anyway."""
@@ -475,6 +492,7 @@ class FeatureCache:
         self._memory_lock = threading.Lock()  # the iterator's threads share the cache
         self._memory_records = int(memory_clips) * self.records_per_clip
         self._pairs: Dict[Tuple[int, int, int, int], np.ndarray] = {}
+        self.broken: Dict[int, str] = {}  # record number -> why it cannot be read
 
     def _check_counts(self) -> None:
         """Every shard holds the records its build wrote, and they are the index's clips."""
@@ -514,12 +532,15 @@ class FeatureCache:
             if n in self._memory:
                 self._memory.move_to_end(n)
                 return self._memory[n]
+        if n in self.broken:
+            raise BrokenRecordError(self.broken[n], n)
         data = self._read(n)
         clip, part = divmod(n, self.records_per_clip)
         if isinstance(data, Broken):
-            raise CacheMismatchError(f"feature cache {self.dir}: clip {clip} ({data.where}) cannot be read: "
-                                     f"{data.error}. Rebuild its shard: delete that shard's .json sidecar "
-                                     "and run synchformer-jax cache again")
+            self.broken[n] = (f"feature cache {self.dir}: clip {clip} ({data.where}) cannot be read: {data.error}. "
+                              "Rebuild its shard: delete that shard's .json sidecar and run synchformer-jax cache "
+                              "again")
+            raise BrokenRecordError(self.broken[n], n)
         head, array = decode_part(data)
         if head["part"] != part or head["clip_id"] != str(self.index["clip_id"][clip]):
             raise CacheMismatchError(
@@ -546,17 +567,36 @@ class FeatureCache:
             out[c] = dict({k: self.index[k][c].item() for k in self.index}, vfeat=vfeat, afeat=afeat)
         return out
 
-    def windows(self, triples: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    def windows(self, triples: np.ndarray, stand_in=None, skipped: Optional[List[str]] = None
+                ) -> Tuple[np.ndarray, np.ndarray]:
         """`vfeat [B, S, 8, D]`, `afeat [B, S, 6, D]` of the windows `triples [B, 3]`
         (clip, g, j), gathered straight into the batch from the video record and the one
         audio-phase record of each row. Row by row: holding a whole batch's records at
-        once halves the read rate (fresh memory for every record)."""
+        once halves the read rate (fresh memory for every record).
+
+        A row whose record cannot be read raises `BrokenRecordError`, or, given
+        `stand_in(r, k)` (the k-th replacement (clip, g, j) of row r, k = 1, 2, ...), is
+        replaced in `triples` by the first stand-in whose records read, and each broken
+        record met is described in `skipped`."""
         per, p, s = self.records_per_clip, self.phases, self.grid.n_segments
         vfeat = afeat = None
-        for r, (c, g, j) in enumerate(np.asarray(triples, np.int64).reshape(-1, 3)):
-            vi, ai = self.grid.window_entries(int(g), int(j))
-            v = self._record(int(c) * per)
-            a = self._record(int(c) * per + 1 + int(ai[0]) % p)
+        for r in range(len(triples)):
+            for k in range(_MAX_STAND_INS + 1):
+                c, g, j = (int(x) for x in triples[r])
+                vi, ai = self.grid.window_entries(g, j)
+                try:
+                    v = self._record(c * per)
+                    a = self._record(c * per + 1 + int(ai[0]) % p)
+                    break
+                except BrokenRecordError as exc:
+                    if stand_in is None:
+                        raise
+                    if skipped is not None:
+                        skipped.append(f"{exc} (row {r} of the batch: a stand-in window was drawn)")
+                    triples[r] = stand_in(r, k + 1)
+            else:
+                raise CacheMismatchError(f"feature cache {self.dir}: {_MAX_STAND_INS} stand-ins in a row could not "
+                                         f"be read ({len(self.broken)} broken records so far): rebuild the cache")
             if vfeat is None:
                 vfeat = np.empty((len(triples), s) + v.shape[1:], v.dtype)
                 afeat = np.empty((len(triples), s) + a.shape[1:], a.dtype)
@@ -740,10 +780,20 @@ class CacheTrainIterator:
         return self
 
     def batch(self, step: int) -> Dict[str, np.ndarray]:
-        """This host's batch of `step`."""
+        """This host's batch of `step`. A row whose record cannot be read is skipped and
+        reported (`meta["skipped"]`, as the clip pipeline reports broken clips) and gets a
+        stand-in: the plain draw of `default_rng([seed, step, global row, k])`, k = 1, 2, ...
+        until one reads, so the batch stays a function of its step and the files."""
         triples = self.draw(step)
-        vfeat, afeat = self.cache.windows(triples)
-        return {"vfeat": vfeat, "afeat": afeat, "offset_target": triples[:, 2].astype(np.int32)}
+        skipped: List[str] = []
+        first_row = self.process_index * self.batch_size
+
+        def stand_in(r: int, k: int) -> np.ndarray:
+            return self._official(np.random.default_rng([self.seed, step, first_row + r, k]), 1, slice(0, 1))[0]
+
+        vfeat, afeat = self.cache.windows(triples, stand_in, skipped)
+        return {"vfeat": vfeat, "afeat": afeat, "offset_target": triples[:, 2].astype(np.int32),
+                "meta": {"skipped": skipped}}
 
     def __next__(self) -> Dict[str, np.ndarray]:
         if self._pool is None:

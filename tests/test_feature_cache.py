@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import logging
 import os
 import pathlib
@@ -162,6 +163,15 @@ def test_cached_logits_equal_raw_window_logits(data, model14):
             assert np.abs(off - raw).max() > 1e-4
 
 
+ARRAYS = ("vfeat", "afeat", "offset_target")
+
+
+def _assert_same_batch(x: dict, y: dict) -> None:
+    assert set(x) == set(y) and x["meta"] == y["meta"]
+    for k in ARRAYS:
+        np.testing.assert_array_equal(x[k], y[k])
+
+
 def test_iterator_restores_and_splits(model14):
     _, _, out, _ = model14
     it = fc.CacheTrainIterator(out, batch_size=4, seed=3)
@@ -173,16 +183,15 @@ def test_iterator_restores_and_splits(model14):
     again = fc.CacheTrainIterator(out, batch_size=4, seed=3)
     again.set_state(json.loads(json.dumps(state)))
     for x, y in zip(after, [next(again) for _ in range(2)]):
-        assert set(x) == {"vfeat", "afeat", "offset_target"}
+        assert set(x) == {"vfeat", "afeat", "offset_target", "meta"} and x["meta"] == {"skipped": []}
         assert x["vfeat"].shape == (4, 14, 8, 32) and x["afeat"].shape == (4, 14, 6, 32)
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k])
+        _assert_same_batch(x, y)
     # Two hosts of 2 rows = one host of 4 rows.
     hosts = [fc.CacheTrainIterator(out, batch_size=2, seed=3, process_index=p, process_count=2) for p in (0, 1)]
     for h in hosts:
         h.set_state({"step": 3})
     parts = [next(h) for h in hosts]
-    for k in after[0]:
+    for k in ARRAYS:
         np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), after[0][k])
     # Batches made ahead on threads are the plain iterator's, in order, across a restore.
     threaded = fc.CacheTrainIterator(out, batch_size=4, seed=3, workers=2, memory_clips=1)
@@ -194,8 +203,7 @@ def test_iterator_restores_and_splits(model14):
     plain = fc.CacheTrainIterator(out, batch_size=4, seed=3)
     want = [next(plain) for _ in range(3)]
     for x, y in zip(first + rest, want + want[1:] + after):
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k])
+        _assert_same_batch(x, y)
     # Every drawn triple is a valid window; draws cover several clips and classes.
     tri = np.concatenate([it.draw(s) for s in range(50)])
     idx = it.cache.index
@@ -243,12 +251,22 @@ def test_damaged_or_mismatched_caches_are_refused_in_one_line(model14, tmp_path)
     assert len(read) < len(cache)
     with pytest.raises(fc.CacheMismatchError, match=r"clip \d \(.*features-train.*\) cannot be read: .*Rebuild its"):
         cache.entries(range(len(cache)))
-    # Made on a worker thread, the same error reaches the training loop.
+    # In training a row whose record cannot be read is skipped, reported and stood in for:
+    # the same batches with records found broken early or late, on threads or not.
+    plain = fc.CacheTrainIterator(bad, batch_size=16, seed=0, memory_clips=0)
+    batches = [next(plain) for _ in range(20)]
+    skipped = [m for b in batches for m in b["meta"]["skipped"]]
+    assert skipped and all(re.search(r"clip \d \(.*features-train.*\) cannot be read: .*stand-in", m) for m in skipped)
+    assert len(plain.cache.broken) >= 1
     threaded = fc.CacheTrainIterator(bad, batch_size=16, seed=0, workers=2, memory_clips=0)
-    with pytest.raises(fc.CacheMismatchError, match=r"cannot be read: .*Rebuild its shard"):
-        for _ in range(20):
-            next(threaded)
+    threaded.set_state({"step": 7})
+    for x, y in zip([next(threaded) for _ in range(13)], batches[7:]):
+        _assert_same_batch(x, y)
     threaded.close()
+    # Stood-in rows are the only ones that differ from the draw.
+    intact = fc.CacheTrainIterator(out, batch_size=16, seed=0, memory_clips=0)
+    changed = sum(int((intact.draw(i)[:, 2] != b["offset_target"]).sum()) for i, b in enumerate(batches))
+    assert 0 < changed <= len(skipped)
     # Shards and an index of different builds.
     mixed = tmp_path / "mixed"
     shutil.copytree(out, mixed)
@@ -604,8 +622,7 @@ def test_curriculum_resumes_across_phase_boundaries(pulse_cache):
     again = fc.CacheTrainIterator(pulse_cache, **kw)
     again.set_state(json.loads(json.dumps(state)))
     for x, y in zip(after, [next(again) for _ in range(5)]):
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k])
+        _assert_same_batch(x, y)
     assert again.get_state() == {"step": 6}
     first = after[0]["vfeat"]
     v, _ = it.cache.window(*it.draw(1)[0])
