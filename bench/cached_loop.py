@@ -28,6 +28,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
+import full_size_cache  # noqa: E402
 import jax  # noqa: E402
 import model_flops  # noqa: E402
 
@@ -85,11 +86,9 @@ def main(argv=None):
     trainer = train.build_trainer(config)
     state, _ = train.initial_state(trainer, jax.random.key(0))
     rng = jax.random.key(1)
-    from feature_cache import _write_full_size_cache  # bench/feature_cache.py  # noqa: PLC0415
-
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        root = _write_full_size_cache(pathlib.Path(tmp) / "cache", a.clips, feature_cache.RECORD_OPTIONS)
+        root = full_size_cache.write(pathlib.Path(tmp) / "cache", a.clips, feature_cache.RECORD_OPTIONS)
 
         def iterator():
             return feature_cache.CacheTrainIterator(root, batch_size=a.batch, seed=0, memory_clips=0,

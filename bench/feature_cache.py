@@ -26,7 +26,6 @@ Cases:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import sys
@@ -37,6 +36,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # bench/ also when imported by path
 
+import full_size_cache  # noqa: E402
 import jax  # noqa: E402
 import model_flops  # noqa: E402
 import numpy as np  # noqa: E402
@@ -141,31 +141,6 @@ def build_times(config, n_clips: int, decode_threads=(0, 2)) -> dict:
     return out
 
 
-def _write_full_size_cache(root: pathlib.Path, n_clips: int, options: str) -> pathlib.Path:
-    """A cache of `n_clips` full-size 10-s entries (D = 768, float16) in the current record
-    format, its shard written with ArrayRecord `options`."""
-    from synchformer_jax.input import shards as shard_lib  # noqa: PLC0415
-
-    grid = feature_cache.grid_for(14)
-    nv, na = grid.num_video_entries(250), grid.num_audio_entries(160000)
-    rng = np.random.default_rng(0)
-    v = rng.standard_normal((nv, 8, 768)).astype(np.float16)
-    a = rng.standard_normal((na, 6, 768)).astype(np.float16)
-    root.mkdir(parents=True)
-    name = shard_lib.shard_name("features", "train", "array_record", 0, 1)
-    with shard_lib.ShardWriter(root / name, "array_record", options) as w:
-        for i in range(n_clips):
-            for part in feature_cache.encode_clip(f"c{i}", v, a, 250, 160000, feature_cache.audio_phases(grid)):
-                w.write(part)
-        shard = w.close()
-    np.savez(root / feature_cache.INDEX, clip_id=np.array([f"c{i}" for i in range(n_clips)]),
-             anchor_sec=np.full(n_clips, np.nan), v_len=np.full(n_clips, 250), a_len=np.full(n_clips, 160000),
-             nv=np.full(n_clips, nv), na=np.full(n_clips, na))
-    (root / feature_cache.MANIFEST).write_text(json.dumps({"format_version": feature_cache.FORMAT_VERSION,
-                                                           "grid": grid.to_dict(), "shards": [shard]}))
-    return root
-
-
 def _whole_clip_batch(it) -> None:
     """One batch as the one-record-per-clip format read it: every record of each row's clip."""
     cache = it.cache
@@ -202,7 +177,7 @@ def iterator_reads(n_clips: int, batch: int, seconds: float = 5.0) -> dict:
     options = {"uncompressed": feature_cache.RECORD_OPTIONS, "zstd-1": shard_lib.ARRAY_RECORD_OPTIONS}
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        dirs = {k: _write_full_size_cache(pathlib.Path(tmp) / k, n_clips, o) for k, o in options.items()}
+        dirs = {k: full_size_cache.write(pathlib.Path(tmp) / k, n_clips, o) for k, o in options.items()}
         for comp, root in dirs.items():
             out[f"bytes_per_clip {comp}"] = os.path.getsize(next(root.glob("features-*"))) / n_clips
         for rep in range(2):  # alternated, so a neighbour's load spreads over every case

@@ -811,12 +811,16 @@ class CacheTrainIterator:
 
     def set_state(self, state: dict) -> None:
         self.step = int(state["step"])
-        for future in self._ahead.values():  # batches of steps no longer next
+        self._drop_ahead()
+
+    def _drop_ahead(self) -> None:
+        """Forget the batches being made ahead (of steps that are no longer next)."""
+        for future in self._ahead.values():
             future.cancel()
         self._ahead.clear()
 
     def close(self) -> None:
-        self.set_state(self.get_state())
+        self._drop_ahead()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None

@@ -462,8 +462,8 @@ def open_split(out_dir: PathLike, plan: Plan, split: str, *, overwrite: bool = F
         p.unlink()
     sp = plan.splits[split]
     shards.write_json_atomic(jdir / "plan.json", {"fingerprint": fingerprint, "num_shards": sp.num_shards,
-                                            "num_jobs": len(sp.jobs), "skipped": sp.skipped,
-                                            "excluded": sp.excluded})
+                                                  "num_jobs": len(sp.jobs), "skipped": sp.skipped,
+                                                  "excluded": sp.excluded})
     done = {}
     for index in range(sp.num_shards):
         entry = _read_json(jdir / f"shard-{index:05d}.json")

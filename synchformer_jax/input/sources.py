@@ -175,8 +175,10 @@ class ArrayRecordSource:
 
     def get_many(self, indices: Sequence[int]) -> list:
         """`[self[i] for i in indices]`, the records of undamaged shards in one parallel read
-        (array_record's ParallelReadRecords through grain's `__getitems__`: ~1.9x the
-        records per second of one-by-one reads on 2 cores, more with more cores)."""
+        (array_record's ParallelReadRecords through grain's `__getitems__`). It pays where
+        reads decompress: 1.9x the records per second of one-by-one reads for 315-kB zstd
+        records on 2 cores; for uncompressed records it is 0.3-0.4x, so the feature cache
+        reads one by one (bench/feature_cache.py --reads)."""
         indices = [int(i) for i in indices]
         where = [self._locate(i) if 0 <= i < len(self) else (None, None) for i in indices]
         bulk = [k for k, (shard, _) in enumerate(where) if shard is not None and shard not in self._damaged]
