@@ -27,7 +27,10 @@
 # --config.model.scan_blocks=True runs each extractor's blocks as one lax.scan (one block
 # compiled; on CPUs only the scanned remat actually saves memory); and
 # --config.model.remat_policy=dots keeps the blocks' matmul outputs (less recompute, more
-# memory). None of these changes the parameters or the results beyond float rounding.
+# memory); --config.model.time_attention_pack=14 packs a patch row into each time-attention
+# sequence (fuller cuDNN tiles, and a time attention cuDNN can train; not yet timed on a GPU).
+# None of these changes the parameters or the results beyond float rounding, and a resumed
+# run may switch them.
 import ml_collections
 
 from synchformer_jax import experiment

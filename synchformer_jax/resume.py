@@ -6,7 +6,9 @@ config that wrote it, so the restart can say what a changed config does:
 * The architecture (`stage`, `model.*`) must be the one the checkpoint was trained as: a
   change either fails in orbax with a shape error that names no config key, or, worse,
   restores the same arrays into another function (more heads of the same width). That
-  is a `ResumeError` naming each key with both values.
+  is a `ResumeError` naming each key with both values. The settings that only change how
+  the same model is computed (`EXECUTION`: remat, scanned blocks, packed time attention)
+  are not the architecture: they resume like the settings below.
 * Anything that changes the shape of the optimizer state (`optim.name`, `optim.frozen`,
   `optim.clip_norm` on or off) fails to restore; the data iterator's state only fits the
   pipeline that wrote it (`data.num_workers`, `data.format`, `data.tfrecord_access`).
@@ -48,6 +50,10 @@ log = logging.getLogger(__name__)
 CHANGES_FILE = "config_changes.jsonl"
 # Keys whose change makes another model: resuming would mislabel a new run as the old one.
 ARCHITECTURE = ("stage", "model.")
+# Model keys that change how the same function is computed, not the function or its
+# parameters (rematerialisation, scanned blocks, packed time attention): a restart may
+# switch them, to fit another device's memory say, as a logged change.
+EXECUTION = ("model.remat", "model.remat_policy", "model.scan_blocks", "model.time_attention_pack")
 # Keys the data iterator's saved state depends on (grain's per-worker states, the
 # ArrayRecord vs streamed-TFRecord state layouts).
 ITERATOR = ("data.num_workers", "data.format", "data.tfrecord_access")
@@ -147,7 +153,7 @@ def _advice(found: Sequence[Change]) -> str:
 
 def check_architecture(workdir: pathlib.Path, step: int, found: Sequence[Change]) -> None:
     """Raise when the model or stage differ from the checkpoint's (before restoring)."""
-    arch = _matching(found, ARCHITECTURE)
+    arch = [c for c in _matching(found, ARCHITECTURE) if c.key not in EXECUTION]
     if arch:
         raise ResumeError(f"{workdir}: its checkpoint (step {step}) was trained as another model; "
                           f"changed: {_listing(arch)}; {_advice(arch)}")

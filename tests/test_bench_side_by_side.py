@@ -24,10 +24,16 @@ def test_tiny_cpu_json_and_table(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--size", "tiny", "--platform", "cpu", "--modes", "infer",
          "--batch-infer", "1", "--steps", "1", "--warmup", "0", "--peak-tflops", "0.1",
-         "--profile", "1", "--json-out", str(out)],
-        capture_output=True, text=True, cwd=REPO, timeout=300)
+         "--profile", "1", "--json-out", str(out), "--levers", "time-pack,attn-micro", "--lever-time-pack", "4"],
+        capture_output=True, text=True, cwd=REPO, timeout=400)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| infer | synchformer-jax | default | float32 | 1 |" in proc.stdout
+    # The levers: the time attention packed 4 locations per sequence (16 patches of a 64-px
+    # frame), end to end and alone next to the other attention shapes (cuDNN rows are errors
+    # on a CPU); both in the printed tables.
+    assert "| infer | synchformer-jax | time-pack=4 | float32 | 1 |" in proc.stdout
+    assert "| time packed 4 (q 32, kv 34, masked) | xla | fwd+bwd |" in proc.stdout
+    assert "| time (q 8, kv 9) | xla | fwd |" in proc.stdout
     report = json.loads(out.read_text())
     assert report["gpu"] is False and report["torch"] is None
     assert "no --torch-python" in report["torch_skipped_reason"]
@@ -35,7 +41,11 @@ def test_tiny_cpu_json_and_table(tmp_path):
     assert "error" not in res, res
     assert res["batch"] == 1 and res["finite"] and res["step_s"] > 0
     assert res["xla_flops"] > 0 and res["attention"]["traced_calls"]["xla"] > 0
-    (row,) = report["rows"]
+    packed = report["jax"]["infer:time-pack=4"]
+    assert "error" not in packed and packed["finite"], packed
+    assert report["attn_micro"]["results"]["time packed 4 (q 32, kv 34, masked) xla fwd"]["ms"] > 0
+    row, packed_row = report["rows"]
+    assert packed_row["variant"] == "time-pack=4"
     assert row["task"] == "infer" and row["impl"] == "synchformer-jax"
     assert 0 < row["mfu_measured"] and row["clips_per_s"] > 0
     # The analytic count agrees with XLA's cost analysis of the same forward (within 15 %:

@@ -181,7 +181,8 @@ def _cudnn_stand_in(monkeypatch) -> list:
         if implementation == "cudnn":
             padded = kwargs.get("key_value_seq_lengths") is not None
             calls.append((q.shape[1], k.shape[1], padded))
-            if padded:  # the even-padded training path: even lengths, which cuDNN trains
+            # The even-padded path and masked attention (a bias to cuDNN): even lengths only.
+            if padded or kwargs.get("mask") is not None:
                 assert q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0, (q.shape, k.shape)
                 return real(q, k, v, *args, scale=scale, implementation="xla", **kwargs)
             return fused(q, k, v, scale)
@@ -192,15 +193,9 @@ def _cudnn_stand_in(monkeypatch) -> list:
     return calls
 
 
-@pytest.mark.parametrize("scan,grad_kernel", [(False, "xla"), (True, "xla"), (True, "cudnn")])
-def test_stage1_remat_step_trains_through_cudnn_attention(monkeypatch, scan, grad_kernel):
-    """With cuDNN attention (a stand-in here) the stage-I gradients under remat, unrolled or
-    scanned, equal XLA attention's: odd lengths (the time attention's 9 keys, the space
-    attention's and the spatial aggregator's 197, the frequency aggregator's 13) take the
-    kernel forward and, for the gradient, XLA's attention or cuDNN on lengths padded to
-    even (`SYNCHFORMER_JAX_ODD_ATTENTION_GRAD`); without that wrapper the same step raises."""
-    monkeypatch.setenv(layers.ODD_LENGTH_GRAD_ENV, grad_kernel)
-    config = _small(kind=KIND_AVCLIP, remat=True, scan_blocks=scan)
+def _stage1_grads_xla_and_stand_in(monkeypatch, config):
+    """A stage-I model's gradients with XLA attention, then through the cuDNN stand-in:
+    (the gradient function, XLA's gradients, the stand-in's, the stand-in's calls)."""
     params = sf.init_params(config, jax.random.key(0))
     video, audio = _inputs(config)
 
@@ -211,7 +206,19 @@ def test_stage1_remat_step_trains_through_cudnn_attention(monkeypatch, scan, gra
 
     expected = grads()
     calls = _cudnn_stand_in(monkeypatch)
-    got = grads()
+    return grads, expected, grads(), calls
+
+
+@pytest.mark.parametrize("scan,grad_kernel", [(False, "xla"), (True, "xla"), (True, "cudnn")])
+def test_stage1_remat_step_trains_through_cudnn_attention(monkeypatch, scan, grad_kernel):
+    """With cuDNN attention (a stand-in here) the stage-I gradients under remat, unrolled or
+    scanned, equal XLA attention's: odd lengths (the time attention's 9 keys, the space
+    attention's and the spatial aggregator's 197, the frequency aggregator's 13) take the
+    kernel forward and, for the gradient, XLA's attention or cuDNN on lengths padded to
+    even (`SYNCHFORMER_JAX_ODD_ATTENTION_GRAD`); without that wrapper the same step raises."""
+    monkeypatch.setenv(layers.ODD_LENGTH_GRAD_ENV, grad_kernel)
+    grads, expected, got, calls = _stage1_grads_xla_and_stand_in(
+        monkeypatch, _small(kind=KIND_AVCLIP, remat=True, scan_blocks=scan))
     assert any(q % 2 or k % 2 for q, k, _ in calls), calls  # odd lengths went to the kernel
     assert any(padded for _, _, padded in calls) == (grad_kernel == "cudnn"), calls
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-5), got, expected)
@@ -219,6 +226,77 @@ def test_stage1_remat_step_trains_through_cudnn_attention(monkeypatch, scan, gra
         q, k, v, scale=scale, implementation=forward))
     with pytest.raises(NotImplementedError, match="Unsupported sequence length"):
         grads()
+
+
+@pytest.mark.parametrize("kind,scan,pack", [("sync", False, 3), (KIND_AVCLIP, True, 9)])
+def test_packed_time_attention_equals_the_per_location_attention(kind, scan, pack):
+    """`time_attention_pack` (several spatial locations per time-attention sequence under
+    a block-diagonal mask) computes the official per-location time attention: the same
+    features, outputs and gradients with 3 or all 9 patches of a 48-px frame packed,
+    unrolled, and scanned with remat (stage I)."""
+    config = _small(kind=kind, **{"video.img_size": 48})
+    params = sf.init_params(config, jax.random.key(1))
+    video, audio = _inputs(config, seed=3)
+    build = sf.SegmentAVCLIP if kind == KIND_AVCLIP else sf.Synchformer
+
+    def run(c):
+        model = build(c)
+        def features(p):
+            out, state = model.apply({"params": p}, video, audio, mutable=["intermediates"])
+            return out, state["intermediates"]
+        loss = lambda p: sum(jnp.sum(jnp.sin(x)) for x in jax.tree.leaves(features(p)[0]))  # noqa: E731
+        return jax.jit(features)(params), jax.jit(jax.grad(loss))(params)
+
+    (ref_out, ref_inter), ref_grads = run(config)
+    (out, inter), grads = run(config.replace(time_attention_pack=pack, scan_blocks=scan, remat=scan))
+    # float32 sums in another order: values of O(1) agree to a few 1e-6.
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=5e-6), out, ref_out)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=5e-6), inter, ref_inter)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-5), grads, ref_grads)
+
+
+def test_packed_time_attention_mask_keeps_locations_apart():
+    """The mask is what keeps a packed sequence's locations apart: without it (every key
+    visible) the time attention changes; with it, moving one location's keys changes only
+    that location's outputs. The mask's pad column is never attended."""
+    from synchformer_jax.models import motionformer as mf
+    frames, patches, pack, heads, dim = 4, 6, 3, 2, 8
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(0, 1, (2, 1 + frames * patches, heads, dim)), jnp.float32)
+               for _ in range(3))
+    got = mf.packed_time_attention(q, k, v, frames, patches, pack)
+    # Reference: each location's own sequence [CLS, its F keys], computed directly.
+    t = lambda x: x[:, 1:].reshape(2, frames, patches, heads, dim)  # noqa: E731
+    keys = jnp.concatenate([jnp.broadcast_to(k[:, :1, None], (2, 1, patches, heads, dim)), t(k)], axis=1)
+    vals = jnp.concatenate([jnp.broadcast_to(v[:, :1, None], (2, 1, patches, heads, dim)), t(v)], axis=1)
+    logits = jnp.einsum("nfphd,ngphd->nphfg", t(q), keys)
+    ref = jnp.einsum("nphfg,ngphd->nfphd", jax.nn.softmax(logits, axis=-1), vals).reshape(got.shape)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    mask = mf.time_pack_mask(frames, pack)
+    assert mask.shape == (frames * pack, frames * pack + 2) and mask[:, 0].all() and not mask[:, -1].any()
+    assert mask.sum(axis=1).tolist() == [1 + frames] * (frames * pack)
+    moved = mf.packed_time_attention(q, k.at[:, 1::patches].multiply(-2.0), v, frames, patches, pack)
+    changed = np.abs(np.asarray(moved - got)).reshape(2, frames, patches, -1).max(axis=(0, 1, 3))
+    assert changed[0] > 1e-3 and np.all(changed[1:] == 0), changed
+    with pytest.raises(ValueError, match="must divide the 6 patches"):
+        mf.packed_time_attention(q, k, v, frames, patches, 4)
+
+
+def test_time_attention_pack_is_checked_against_the_frame():
+    with pytest.raises(ValueError, match="time_attention_pack=5 must be a whole number >= 1 that divides the 196"):
+        tiny_config(time_attention_pack=5)
+    assert tiny_config(time_attention_pack=14).time_attention_pack == 14
+
+
+def test_packed_time_attention_trains_through_cudnn(monkeypatch):
+    """With cuDNN attention (the stand-in: odd lengths raise in training) the packed time
+    attention reaches the kernel in training at even lengths with its mask, and the
+    stage-I gradients under remat equal XLA attention's."""
+    config = _small(kind=KIND_AVCLIP, remat=True, scan_blocks=True, time_attention_pack=2)
+    _, expected, got, calls = _stage1_grads_xla_and_stand_in(monkeypatch, config)
+    frames = config.video.temporal_patches
+    assert (frames * 2, frames * 2 + 2, False) in calls, calls  # the packed time attention
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-5), got, expected)
 
 
 def test_scanned_blocks_take_each_blocks_drop_path_rate():

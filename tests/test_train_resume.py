@@ -226,21 +226,24 @@ def test_a_restart_that_cannot_continue_the_run_names_the_changed_keys(resume_co
 
 
 def test_a_restart_with_other_settings_resumes_and_records_them(resume_config, uninterrupted, cache_dir, tmp_path):
-    """A longer schedule with another learning rate resumes from the last step; the
-    changes are logged, appended to config_changes.jsonl, and config.json and the new
-    checkpoint hold the new values."""
+    """A longer schedule with another learning rate, and rematerialisation switched on
+    (another way to compute the same model), resumes from the last step; the changes are
+    logged, appended to config_changes.jsonl, and config.json and the new checkpoint hold
+    the new values."""
     rc, out, workdir = _restart_with(resume_config, uninterrupted, cache_dir, tmp_path, "longer",
-                                     **{"train.num_steps": NUM_STEPS + 1, "optim.lr": 5e-5})
+                                     **{"train.num_steps": NUM_STEPS + 1, "optim.lr": 5e-5, "model.remat": True})
     assert rc == 0, out[-3000:]
-    assert "resuming step 6 with a changed config: optim.lr: 0.0001 -> 5e-05; train.num_steps: 6 -> 7" in out
-    assert resume.history(workdir) == [{"step": NUM_STEPS, "changes": {"optim.lr": [1e-4, 5e-5],
+    assert ("resuming step 6 with a changed config: model.remat: false -> true; optim.lr: 0.0001 -> 5e-05; "
+            "train.num_steps: 6 -> 7") in out
+    assert resume.history(workdir) == [{"step": NUM_STEPS, "changes": {"model.remat": [False, True],
+                                                                       "optim.lr": [1e-4, 5e-5],
                                                                        "train.num_steps": [NUM_STEPS, NUM_STEPS + 1]}}]
     assert json.loads((workdir / "config.json").read_text())["optim"]["lr"] == 5e-5
     step, _, _, saved = checkpoint.restore_on_host(workdir)
     assert step == NUM_STEPS + 1 and saved["optim"]["lr"] == 5e-5
     # The run as a model (predict / export / info) says what it was trained with.
-    assert ("resumed at step 6 with a changed config: optim.lr: 0.0001 -> 5e-05; train.num_steps: 6 -> 7"
-            in pretrained.load_model(workdir).notes)
+    assert ("resumed at step 6 with a changed config: model.remat: false -> true; optim.lr: 0.0001 -> 5e-05; "
+            "train.num_steps: 6 -> 7" in pretrained.load_model(workdir).notes)
 
 
 def test_a_restart_on_other_hardware_keeps_the_recipe_and_the_data_position(shards, cache_dir, tmp_path):

@@ -110,10 +110,22 @@ class ModelConfig:
     # Run each extractor's blocks as one lax.scan (same parameters, one block compiled;
     # with remat, activation memory bounded to one block's recompute on every backend).
     scan_blocks: bool = False
+    # Motionformer time attention with this many spatial locations per fused-attention
+    # sequence (motionformer.packed_time_attention: the same values, fuller kernel tiles
+    # on a GPU, more attention FLOPs); 1: one 8-frame sequence per location, as officially.
+    # Must divide the patches of a frame (196 at 224 px: 1, 2, 4, 7, 14, 28, 49, 98, 196).
+    time_attention_pack: int = 1
     # Initial (and clamped) stage-I temperature.
     init_temperature: float = 0.07
     temperature_min: float = 0.001
     temperature_max: float = 0.5
+
+    def __post_init__(self) -> None:
+        pack, patches = self.time_attention_pack, self.video.spatial_patches
+        if not (isinstance(pack, int) and pack >= 1 and patches % pack == 0):
+            raise ValueError(f"time_attention_pack={pack!r} must be a whole number >= 1 that divides the "
+                             f"{patches} patches of a frame (video.img_size {self.video.img_size}, "
+                             f"patch {self.video.patch_size})")
 
     # ---- derived sizes -------------------------------------------------------------
     @property

@@ -50,17 +50,24 @@ def merge_heads(x: jax.Array) -> jax.Array:
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
               dropout_rate: float = 0.0, deterministic: bool = True,
-              dropout_rng: Optional[jax.Array] = None) -> jax.Array:
-    """Softmax attention over `[B, L, H, d]` tensors, no mask.
+              dropout_rng: Optional[jax.Array] = None, mask: Optional[jax.Array] = None) -> jax.Array:
+    """Softmax attention over `[B, L, H, d]` tensors.
 
-    Goes through `jax.nn.dot_product_attention` (so GPUs get the fused cuDNN kernel)
-    unless attention-probability dropout is active, which the fused path cannot do.
-    Odd sequence lengths use cuDNN only when not differentiated, unless
+    `mask` (optional, boolean, broadcastable to `[B, H, Lq, Lk]`, True = attend) is only
+    given with even sequence lengths: cuDNN trains a masked attention (a bias to it) only
+    on those. Goes through `jax.nn.dot_product_attention` (so GPUs get the fused cuDNN
+    kernel) unless attention-probability dropout is active, which the fused path cannot
+    do. Odd sequence lengths use cuDNN only when not differentiated, unless
     `$SYNCHFORMER_JAX_ODD_ATTENTION_GRAD=cudnn` (see `_fused_forward`). Softmax runs in
     float32 on both paths.
     """
+    if mask is not None and (q.shape[1] % 2 or k.shape[1] % 2):
+        raise ValueError(f"a masked attention needs even sequence lengths (cuDNN trains no other), "
+                         f"got {q.shape[1]} queries and {k.shape[1]} keys")
     if dropout_rate > 0.0 and not deterministic:
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+        if mask is not None:
+            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1)
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(v.dtype)
@@ -68,11 +75,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
     if _use_cudnn(q):
         try:
             if q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0:
-                return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+                return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
             return _fused_forward(q, k, v, scale, "cudnn", odd_length_grad_kernel())
         except (ValueError, NotImplementedError, RuntimeError):
             pass  # a shape/dtype cuDNN does not take: the XLA path below computes the same
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
 
 
 def even_padded_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,

@@ -58,7 +58,8 @@ class Synchformer(nn.Module):
         if c.kind != KIND_SYNC:
             raise ValueError(f"Synchformer needs a config of kind {KIND_SYNC!r}, got {c.kind!r}")
         dtype = compute_dtype(c)
-        self.vfeat_extractor = MotionFormer(c.video, dtype, c.remat, scan=c.scan_blocks, remat_policy=c.remat_policy)
+        self.vfeat_extractor = MotionFormer(c.video, dtype, c.remat, scan=c.scan_blocks, remat_policy=c.remat_policy,
+                                            time_pack=c.time_attention_pack)
         self.afeat_extractor = AST(c.audio, dtype, c.remat, scan=c.scan_blocks, remat_policy=c.remat_policy)
         # torch.nn.Linear created outside the transformer: default Kaiming-uniform init.
         torch_linear_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
@@ -135,7 +136,7 @@ class SegmentAVCLIP(nn.Module):
             raise ValueError(f"SegmentAVCLIP needs a config of kind {KIND_AVCLIP!r}, got {c.kind!r}")
         dtype = compute_dtype(c)
         self.v_encoder = MotionFormer(c.video, dtype, c.remat, temporal_pool=True, scan=c.scan_blocks,
-                                      remat_policy=c.remat_policy)
+                                      remat_policy=c.remat_policy, time_pack=c.time_attention_pack)
         self.a_encoder = AST(c.audio, dtype, c.remat, temporal_pool=True, scan=c.scan_blocks,
                              remat_policy=c.remat_policy)
         self.logit_scale = self.param("logit_scale", nn.initializers.constant(c.init_temperature), ())
