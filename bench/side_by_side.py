@@ -91,19 +91,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--scan-blocks", action="store_true",
                     help="JAX: model.scan_blocks (each extractor's blocks as one lax.scan: one block "
                          "compiled; with remat, recompute bounded to a block)")
+    ap.add_argument("--scan-stage1", action="store_true",
+                    help="JAX: scanned blocks for the stage-I cases only (with remat: half the compile time, "
+                         "memory bounded to one block's recompute); inference and stage II stay unrolled")
     ap.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "hybrid", "cudnn-train"],
                     help="attention kernel of the JAX model (auto: cuDNN fused for 16-bit on GPU, else XLA, "
                          "and XLA for training odd lengths; hybrid: cuDNN for query blocks of >= 64 tokens "
                          "(space attention), XLA for the 8-frame time attention and the single CLS query; "
                          "cudnn-train: auto, and cuDNN also trains odd lengths, padded to even)")
+    ap.add_argument("--time-pack", type=int, default=1,
+                    help="JAX: model.time_attention_pack (spatial locations per time-attention sequence; "
+                         "1 = one 8-frame sequence per location)")
+    ap.add_argument("--lever-time-pack", default="14",
+                    help="the packings the time-pack lever runs, comma separated")
     ap.add_argument("--levers", default="",
                     help="extra JAX variants, comma separated: scan (each task with the other --scan-blocks "
                          "setting), remat-policy (stage I with remat and the other --remat-policy), attention "
                          "(infer, stage II, stage I with the other kernels: xla, hybrid; stage I also cudnn-train), "
                          "attn-micro (each Motionformer attention shape alone, "
-                         "cuDNN vs XLA vs cuDNN padded to even, forward and forward+backward), chunk (infer with extractors chunked over segments), xla-flags (infer + "
+                         "cuDNN vs XLA vs cuDNN padded to even, forward and forward+backward; the time "
+                         "attention also packed, --lever-time-pack), time-pack (each task with the time "
+                         "attention packed, --lever-time-pack), chunk (infer with extractors chunked over segments), xla-flags (infer + "
                          "stage II with --lever-xla-flags), e2e (stage II fed from host uint8 batches, "
                          "with and without prefetch; host-to-device bytes and rates)")
+    ap.add_argument("--lever-modes", default="infer,stage2,stage1",
+                    help="the tasks the per-task levers (time-pack, scan, remat-policy, attention) run")
+    ap.add_argument("--lever-attention", default="xla,hybrid,cudnn,cudnn-train",
+                    help="the kernels the attention lever runs (cudnn-train: stage I only)")
     ap.add_argument("--levers-only", action="store_true",
                     help="run only the lever variants (give --batch-stage1 for the stage-I ones)")
     ap.add_argument("--from-json", default=None, help="re-print the table of an earlier --json-out and exit")
@@ -121,6 +135,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="reference peak for a second MFU column (default 800 on GPUs, none on CPUs)")
     ap.add_argument("--torch-python", default=None, help="python with torch + the official deps")
     ap.add_argument("--official-repo", default=None, help="checkout of github.com/v-iashin/Synchformer")
+    ap.add_argument("--torch-batch-stage1", default=None,
+                    help="the official model's stage-I batch (default: --batch-stage1; it fits 4 clips per 80 GB)")
     ap.add_argument("--torch-device", default=None, choices=["cpu", "cuda"],
                     help="default: cuda when the JAX side is on a GPU, else cpu")
     ap.add_argument("--no-jax", action="store_true")
@@ -346,7 +362,7 @@ def child_infer(spec) -> dict:
 
     att = AttentionLog(spec["attention"])
     m = model_config_for(spec["size"], spec.get("img_size"), "infer").replace(
-        dtype=spec["dtype"], scan_blocks=bool(spec.get("scan_blocks")))
+        dtype=spec["dtype"], scan_blocks=bool(spec.get("scan_blocks")), time_attention_pack=spec.get("time_pack") or 1)
     model = sf.Synchformer(m)
     dev = jax.devices()[0]
     phases = {}
@@ -404,8 +420,9 @@ def _case_config(spec, batch):
     case = ("tiny" if spec["size"] == "tiny" else "full") + ("-I" if spec["kind"] == "stage1" else "-II")
     config = ts.case_config(case, batch, spec["dtype"], spec.get("remat", False))
     with config.unlocked():
-        config.model.scan_blocks = bool(spec.get("scan_blocks"))
+        config.model.scan_blocks = bool(spec.get("scan_blocks") or (spec["kind"] == "stage1" and spec.get("scan_stage1")))
         config.model.remat_policy = spec.get("remat_policy") or "nothing"
+        config.model.time_attention_pack = spec.get("time_pack") or 1
         if spec["size"] == "tiny" and spec.get("img_size"):
             config.model.video.img_size = spec["img_size"]
     return config
@@ -604,7 +621,8 @@ def _e2e(trainer, compiled, holder, hb, rng, spec) -> dict:
 def child_attn_micro(spec) -> dict:
     """The three attention shapes of one Motionformer block at the inference batch, alone:
     XLA vs cuDNN vs cuDNN on lengths padded to even, forward and forward + backward,
-    bfloat16 (median of 20 after 3 warm-ups)."""
+    bfloat16 (median of 20 after 3 warm-ups); and the time attention packed
+    (`spec['lever_time_packs']`, motionformer.packed_time_attention), XLA vs cuDNN."""
     import jax
     import jax.numpy as jnp
 
@@ -615,25 +633,34 @@ def child_attn_micro(spec) -> dict:
     n = spec["batch"] * m.n_segments
     h, d = v.num_heads, v.embed_dim // v.num_heads
     tv, sp = v.temporal_patches, v.spatial_patches
-    shapes = {"time (q 8, kv 9)": ((n * sp, tv), (n * sp, tv + 1)),
-              "space (q 196, kv 197)": ((n * tv, sp), (n * tv, sp + 1)),
-              "cls (q 1, kv 1569)": ((n, 1), (n, tv * sp + 1))}
+    time_flops = 4.0 * (n * sp) * tv * (tv + 1) * h * d
+    # name: (query shape, key shape, mask, useful FLOPs); "tflops" below are useful FLOPs
+    # per second (a packed time attention does (8p + 2) / 9 times the products).
+    shapes = {f"time (q {tv}, kv {tv + 1})": ((n * sp, tv), (n * sp, tv + 1), None, time_flops),
+              f"space (q {sp}, kv {sp + 1})": ((n * tv, sp), (n * tv, sp + 1), None,
+                                               4.0 * (n * tv) * sp * (sp + 1) * h * d),
+              f"cls (q 1, kv {tv * sp + 1})": ((n, 1), (n, tv * sp + 1), None, 4.0 * n * (tv * sp + 1) * h * d)}
+    from synchformer_jax.models import motionformer as mf
+    for pack in spec.get("lever_time_packs") or []:
+        if sp % pack == 0 and pack > 1:
+            shapes[f"time packed {pack} (q {tv * pack}, kv {tv * pack + 2}, masked)"] = (
+                (n * sp // pack, tv * pack), (n * sp // pack, tv * pack + 2),
+                jnp.asarray(mf.time_pack_mask(tv, pack))[None, None], time_flops)
     dt = jnp.dtype(spec["dtype"])
     out = {}
-    for name, ((bq, lq), (bk, lk)) in shapes.items():
+    for name, ((bq, lq), (bk, lk), mask, flops) in shapes.items():
         ks = jax.random.split(jax.random.key(0), 3)
         q = jax.random.normal(ks[0], (bq, lq, h, d), jnp.float32).astype(dt)
         k = jax.random.normal(ks[1], (bk, lk, h, d), jnp.float32).astype(dt)
         vv = jax.random.normal(ks[2], (bk, lk, h, d), jnp.float32).astype(dt)
-        flops = 4.0 * bq * lq * lk * h * d
         # cudnn-padded: lengths padded to even with a padding mask (layers.even_padded_attention),
         # the way cuDNN can train these odd lengths (SYNCHFORMER_JAX_ODD_ATTENTION_GRAD=cudnn).
-        for impl in ("xla", "cudnn", "cudnn-padded"):
+        for impl in ("xla", "cudnn") + (("cudnn-padded",) if mask is None else ()):
             for mode in ("fwd", "fwd+bwd"):
-                def f(q, k, vv, impl=impl):
+                def f(q, k, vv, impl=impl, mask=mask):
                     if impl == "cudnn-padded":
                         return layers.even_padded_attention(q, k, vv, scale=d ** -0.5, implementation="cudnn")
-                    return jax.nn.dot_product_attention(q, k, vv, scale=d ** -0.5, implementation=impl)
+                    return jax.nn.dot_product_attention(q, k, vv, mask=mask, scale=d ** -0.5, implementation=impl)
                 fn = jax.jit(f) if mode == "fwd" else jax.jit(jax.grad(
                     lambda q, k, vv, impl=impl: jnp.sum(f(q, k, vv, impl).astype(jnp.float32)), argnums=(0, 1, 2)))
                 key = f"{name} {impl} {mode}"
@@ -790,7 +817,8 @@ def run_torch(args, gpu: bool, img_size) -> tuple[dict | None, str | None]:
 
     out = os.path.join(tempfile.mkdtemp(prefix="sbs_torch_"), "torch_result.json")
     modes = [m for m in args.modes.split(",") if m in MODES]
-    b1 = args.batch_stage1 if device == "cuda" or args.batch_stage1 != "auto" else "1"
+    b1 = args.torch_batch_stage1 or args.batch_stage1
+    b1 = b1 if device == "cuda" or b1 != "auto" else "1"
     cmd = [args.torch_python, str(WORKER), "--official-repo", os.path.abspath(args.official_repo),
            "--modes", ",".join(modes), "--device", device, "--size", args.size,
            "--batch-infer", str(args.batch_infer), "--batch-stage2", str(args.batch_stage2),
@@ -923,6 +951,20 @@ def fmt_profiles(report) -> str:
     return "\n".join(out)
 
 
+def fmt_attn_micro(report) -> str:
+    """The attention micro-benchmark as a table: ms per call by shape, kernel and pass."""
+    res = ((report.get("attn_micro") or {}).get("results")) or {}
+    if not res:
+        return ""
+    lines = ["\n", f"attention alone, one Motionformer block at {report['attn_micro'].get('batch')} clips "
+             "(TFLOP/s of useful FLOPs):", "| shape | kernel | pass | ms | TFLOP/s |", "|---|---|---|---:|---:|"]
+    for key, r in res.items():
+        shape, impl, mode = key.rsplit(" ", 2)
+        cells = ([f"{r['ms']:.3f}", f"{r['tflops']:.3g}"] if "ms" in r else ["error: " + r.get("error", "")[:100], ""])
+        lines.append("| " + " | ".join([shape, impl, mode] + cells) + " |")
+    return "\n".join(lines)
+
+
 def fmt_flops(fl: dict) -> str:
     lines = ["| part | analytic GFLOP | XLA cost analysis GFLOP |", "|---|---:|---:|"]
     an, x = fl["analytic"], fl.get("xla", {})
@@ -971,25 +1013,35 @@ def run_levers(args, report, common, modes, levers, batches):
         spec = dict(common, kind="attn_micro", batch=batches["infer"], label="attn-micro")
         report["attn_micro"] = run_child(args, spec)
         write_json(args.json_out, report)
+    # The per-task levers run for --lever-modes only, cheapest task first.
+    lever_modes = [m for m in ("infer", "stage2", "stage1") if m in modes and m in args.lever_modes.split(",")]
+    if "time-pack" in levers:
+        for pack in [p for p in common["lever_time_packs"] if p != args.time_pack]:
+            for mode in lever_modes:
+                b, remat = _like_default(args, report, mode, batches)
+                spec = dict(common, kind=mode, batch=b, remat=remat, time_pack=pack,
+                            label=f"{mode}:time-pack={pack}")
+                report["jax"][spec["label"]] = run_child(args, spec)
+                write_json(args.json_out, report)
     if "scan" in levers:
-        for mode in [m for m in ("infer", "stage2", "stage1") if m in modes]:
+        for mode in lever_modes:
             b, remat = _like_default(args, report, mode, batches)
             spec = dict(common, kind=mode, batch=b, remat=remat, scan_blocks=not args.scan_blocks,
                         label=f"{mode}:scan={'on' if not args.scan_blocks else 'off'}")
             report["jax"][spec["label"]] = run_child(args, spec)
             write_json(args.json_out, report)
-    if "remat-policy" in levers and "stage1" in modes:
+    if "remat-policy" in levers and "stage1" in lever_modes:
         other = "dots" if args.remat_policy == "nothing" else "nothing"
         spec = dict(common, kind="stage1", batch=_like_default(args, report, "stage1", batches)[0], remat=True,
                     remat_policy=other, label=f"stage1:remat-policy={other}")
         report["jax"][spec["label"]] = run_child(args, spec)
         write_json(args.json_out, report)
-    others = [k for k in ("xla", "hybrid", "cudnn", "cudnn-train") if k != args.attention and not
+    others = [k for k in args.lever_attention.split(",") if k and k != args.attention and not
               (args.attention == "auto" and k == "cudnn")]
     if "attention" in levers:
         # Mode outer: the cheap inference / stage-II variants first, the stage-I ones (which
         # can take minutes each) last, so that a deadline cuts the expensive ones.
-        for mode in [m for m in ("infer", "stage2", "stage1") if m in modes]:
+        for mode in lever_modes:
             for other in others:
                 if other == "cudnn-train" and mode != "stage1":
                     continue  # the same as auto where the extractors are not trained
@@ -1028,7 +1080,7 @@ def main(argv=None) -> int:
     if args.from_json:
         with open(args.from_json) as f:
             report = json.load(f)
-        print(fmt_table(rows_of(report), report) + fmt_profiles(report))
+        print(fmt_table(rows_of(report), report) + fmt_attn_micro(report) + fmt_profiles(report))
         return 0
     cpus = pin_threads(args.threads, single_thread_xla=False)
     xla_cpu.disable_ynn_fusion()  # as the CLI does; the JAX children inherit XLA_FLAGS
@@ -1043,7 +1095,9 @@ def main(argv=None) -> int:
               "steps": args.steps, "warmup": args.warmup, "max_batch": args.max_batch,
               "bytes_limit": int(args.bytes_limit_gib * GIB) if args.bytes_limit_gib else None,
               "init": args.init, "profile": args.profile, "scan_blocks": args.scan_blocks,
-              "remat_policy": args.remat_policy,
+              "scan_stage1": args.scan_stage1,
+              "remat_policy": args.remat_policy, "time_pack": args.time_pack,
+              "lever_time_packs": [int(x) for x in args.lever_time_pack.split(",") if x],
               "profile_dir": os.path.abspath(args.profile_dir or os.path.join(
                   os.path.dirname(os.path.abspath(args.json_out)) if args.json_out else ".",
                   "traces" if args.json_out else "sbs_traces"))}
@@ -1101,7 +1155,7 @@ def main(argv=None) -> int:
           f"{'' if not pk else f'{pk / 1e12:.1f} TFLOP/s'}"
           + (f"; torch {'fp16' if gpu else 'float32'} matmul {torch_res['matmul_peak_flops'] / 1e12:.1f} TFLOP/s"
              if torch_res and torch_res.get("matmul_peak_flops") else ""))
-    print(table + fmt_profiles(report))
+    print(table + fmt_attn_micro(report) + fmt_profiles(report))
     write_json(args.json_out, report)
     if args.json_out:
         print(f"wrote {args.json_out}")
