@@ -22,8 +22,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_out}
 mkdir -p "$out"
-# The carried wheels, where what they hold is missing (the GPU host has no grain, PyAV, ...).
+# The carried wheels (CPython 3.12), where what they hold is missing: the GPU host has no
+# grain, PyAV, ml_collections, omegaconf, ... Another Python (a CPU dry run) uses its own.
 if ! python3 -c "import grain, array_record, av, ml_collections, omegaconf, ftfy" 2>/dev/null \
+        && python3 -c "import sys; sys.exit(sys.version_info[:2] != (3, 12))" \
         && ls .wheels/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .wheels/*.whl || exit 1

@@ -7,6 +7,7 @@ JSON next to its parameters (`to_dict` / `from_dict`).
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Optional
 
 # The three heads a sync transformer can carry.
@@ -122,7 +123,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         pack, patches = self.time_attention_pack, self.video.spatial_patches
-        if not (isinstance(pack, int) and pack >= 1 and patches % pack == 0):
+        if not (isinstance(pack, numbers.Integral) and not isinstance(pack, bool) and pack >= 1
+                and patches % pack == 0):
             raise ValueError(f"time_attention_pack={pack!r} must be a whole number >= 1 that divides the "
                              f"{patches} patches of a frame (video.img_size {self.video.img_size}, "
                              f"patch {self.video.patch_size})")
