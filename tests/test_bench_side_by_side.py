@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import pathlib
+import shlex
 import subprocess
 import sys
 
@@ -111,3 +112,29 @@ def test_train_step_bench_counts_the_same_flops():
         config = experiment.default_config(stage)
         m = experiment.model_config(config)
         assert train_step.analytic_flops(config, 3) == 3 * model_flops.task_flops(m)[task]
+
+
+def test_the_prepared_gpu_call_parses():
+    """`bench/gpu_call.sh` is run where device minutes are scarce: its side_by_side.py
+    command must parse with today's flags (a renamed flag would cost a whole lease), its
+    levers must exist, and the packing it asks for must fit the full-size frame."""
+    script = (REPO / "bench" / "gpu_call.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu_call.sh")]).returncode == 0
+    assert subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu_prepare.sh")]).returncode == 0
+    command = script[script.index("python3 bench/side_by_side.py"):].split("\n\n")[0]
+    command = command.split("2>&1")[0].replace("\\\n", " ")
+    for shell, value in (('"${torch_args[@]}"', "--torch-python python3 --official-repo .official "
+                                                 "--torch-batch-stage1 4"),
+                         ('"${DEADLINE_S:-450}"', "450"), ('"$out/sbs.json"', "sbs.json"), ('"$@"', "")):
+        assert shell in command, shell
+        command = command.replace(shell, value)
+    argv = shlex.split(command)[2:]
+    args = _module().parse_args(argv)
+    known = {"attn-micro", "time-pack", "attention", "scan", "remat-policy", "chunk", "xla-flags", "e2e"}
+    assert args.levers and set(args.levers.split(",")) <= known, args.levers
+    assert set(args.lever_modes.split(",")) <= {"infer", "stage2", "stage1"}
+    assert set(args.lever_attention.split(",")) <= {"xla", "cudnn", "hybrid", "cudnn-train"}
+    from synchformer_jax.models.config import ModelConfig
+    for pack in args.lever_time_pack.split(","):
+        ModelConfig(time_attention_pack=int(pack))  # raises unless it divides the 196 patches
+    assert args.deadline_s and args.deadline_s < 540  # ends inside its device call
