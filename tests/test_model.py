@@ -256,9 +256,9 @@ def test_packed_time_attention_equals_the_per_location_attention(kind, scan, pac
 
 
 def test_packed_time_attention_mask_keeps_locations_apart():
-    """The mask is what keeps a packed sequence's locations apart: without it (every key
-    visible) the time attention changes; with it, moving one location's keys changes only
-    that location's outputs. The mask's pad column is never attended."""
+    """The mask is what keeps a packed sequence's locations apart: the packed attention
+    equals each location's own attention computed directly, and moving one location's
+    keys changes only that location's outputs. The mask's pad column is never attended."""
     from synchformer_jax.models import motionformer as mf
     frames, patches, pack, heads, dim = 4, 6, 3, 2, 8
     rng = np.random.default_rng(0)

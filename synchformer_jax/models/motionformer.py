@@ -35,7 +35,6 @@ class DividedAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, num_frames: int, num_patches: int) -> jax.Array:
         """`x`: `[N, 1 + F*P, D]` (CLS then frame-major patches) -> same shape."""
-        n = x.shape[0]
         qkv = layers.dense(3 * self.dim, self.dtype, name="qkv")(x)
         q, k, v = (layers.split_heads(t, self.num_heads) for t in jnp.split(qkv, 3, axis=-1))
         head_dim = self.dim // self.num_heads
@@ -44,27 +43,33 @@ class DividedAttention(nn.Module):
         cls_out = layers.single_query_attention(q[:, 0], k, v)[:, None]  # [N, 1, H, d]
         if self.over == "time" and self.time_pack > 1:
             out = packed_time_attention(q, k, v, num_frames, num_patches, self.time_pack)
-            out = jnp.concatenate([cls_out, out], axis=1)
-            return layers.dense(self.dim, self.dtype, name="proj")(layers.merge_heads(out))
-
-        def group(t: jax.Array) -> jax.Array:
-            t = t[:, 1:].reshape(n, num_frames, num_patches, self.num_heads, head_dim)
-            if self.over == "time":  # sequences over frames at one spatial location
-                t = t.transpose(0, 2, 1, 3, 4).reshape(n * num_patches, num_frames, self.num_heads, head_dim)
-            else:  # sequences over the patches of one frame
-                t = t.reshape(n * num_frames, num_patches, self.num_heads, head_dim)
-            return t
-
-        groups = num_patches if self.over == "time" else num_frames
-        cls_k = jnp.repeat(k[:, :1], groups, axis=0)
-        cls_v = jnp.repeat(v[:, :1], groups, axis=0)
-        out = layers.attention(group(q), jnp.concatenate([cls_k, group(k)], axis=1),
-                               jnp.concatenate([cls_v, group(v)], axis=1), scale=1.0)
-        if self.over == "time":
-            out = out.reshape(n, num_patches, num_frames, self.num_heads, head_dim).transpose(0, 2, 1, 3, 4)
-        out = out.reshape(n, num_frames * num_patches, self.num_heads, head_dim)
+        else:
+            out = grouped_attention(q, k, v, num_frames, num_patches, self.over)
         out = jnp.concatenate([cls_out, out], axis=1)
         return layers.dense(self.dim, self.dtype, name="proj")(layers.merge_heads(out))
+
+
+def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_frames: int, num_patches: int,
+                      over: str) -> jax.Array:
+    """The patch queries' divided attention, one sequence per group plus the CLS key/value:
+    over "time" a group is the F tokens at one spatial location, over "space" the P
+    tokens of one frame. `q` (scaled), `k`, `v`: `[N, 1 + F*P, H, d]` -> `[N, F*P, H, d]`."""
+    n, _, heads, head_dim = k.shape
+
+    def group(t: jax.Array) -> jax.Array:
+        t = t[:, 1:].reshape(n, num_frames, num_patches, heads, head_dim)
+        if over == "time":  # sequences over frames at one spatial location
+            return t.transpose(0, 2, 1, 3, 4).reshape(n * num_patches, num_frames, heads, head_dim)
+        return t.reshape(n * num_frames, num_patches, heads, head_dim)  # the patches of one frame
+
+    groups = num_patches if over == "time" else num_frames
+    cls_k = jnp.repeat(k[:, :1], groups, axis=0)
+    cls_v = jnp.repeat(v[:, :1], groups, axis=0)
+    out = layers.attention(group(q), jnp.concatenate([cls_k, group(k)], axis=1),
+                           jnp.concatenate([cls_v, group(v)], axis=1), scale=1.0)
+    if over == "time":
+        out = out.reshape(n, num_patches, num_frames, heads, head_dim).transpose(0, 2, 1, 3, 4)
+    return out.reshape(n, num_frames * num_patches, heads, head_dim)
 
 
 def packed_time_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_frames: int, num_patches: int,
